@@ -1,0 +1,467 @@
+"""The nanochat GPT as a transformers model.
+
+Notable (the seed, October 2025 nanochat):
+- rotary embeddings (nanochat's split-half convention, rotation by -theta), no learned positions
+- QK-norm applied *after* RoPE
+- parameter-free RMSNorm everywhere, including right after the token embedding and before the head
+- ReLU^2 MLP of 4x width, no biases anywhere, untied embedding and LM head
+- multi-query / grouped-query attention via `num_key_value_heads`
+- logits cast to fp32, then soft-capped at 15; the LM-head matmul runs on a vocabulary padded to a multiple of 64
+Options from 2026 nanochat, each a config field and off by default: sliding-window pattern (e.g. "SSSL"), value
+embeddings, per-layer residual/x0 scalars, x1.2 QK scale, smear, backout.
+
+Integration: `GenerationMixin` with the v5 cache classes (dynamic and static), `attention_mask`/`position_ids`
+(left padding, packed rows), attention dispatched through transformers' attention-interface registry (SDPA by
+default), `labels` -> shifted loss with ignore index -100, `logits_to_keep`, a backbone (`self.model`) returning
+`last_hidden_state` so TRL's fused LM head reproduces our loss.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_hfnanochat import HFNanoChatConfig
+
+# transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x; our code
+# accepts both spellings and answers in the one this transformers expects.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """nanochat's parameter-free RMSNorm."""
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """nanochat's rotary convention: split halves, y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos.
+
+    x: (B, T, H, hd); cos/sin: (B, T, 1, hd/2). This rotates by -theta, the transpose of the textbook form; nanochat
+    keeps it for checkpoint compatibility and so do we (the stock NanoChat class flips `rotate_half` to match).
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention for `attn_implementation="eager"` (tests, debugging): fp32 softmax, GQA by repetition."""
+    groups = module.num_key_value_groups
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+class HFNanoChatRotaryEmbedding(nn.Module):
+    """cos/sin of nanochat's RoPE, computed per call from `position_ids` (so left padding and packing just work).
+
+    The inverse frequencies are recomputed on every call instead of living in a buffer: they are head_dim/2 numbers,
+    and a non-persistent buffer would have to be rebuilt by hand after every meta-device load.
+    """
+
+    def __init__(self, config: HFNanoChatConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.base = float(config.rope_parameters.get("rope_theta", 10000.0))
+
+    def inv_freq(self, device=None) -> torch.Tensor:
+        channels = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        return 1.0 / (self.base ** (channels / self.head_dim))
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq(x.device)  # (B, T, hd/2)
+        return freqs.cos().to(x.dtype)[:, :, None, :], freqs.sin().to(x.dtype)[:, :, None, :]
+
+
+def _linear(in_features: int, out_features: int, init_role: str) -> nn.Linear:
+    """A bias-free Linear tagged with its initialisation role (read by `_init_weights`)."""
+    layer = nn.Linear(in_features, out_features, bias=False)
+    layer.init_role = init_role
+    return layer
+
+
+class HFNanoChatAttention(nn.Module):
+    def __init__(self, config: HFNanoChatConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if self.is_sliding else None
+        d = config.hidden_size
+        self.q_proj = _linear(d, self.num_heads * self.head_dim, "matrix_in")
+        self.k_proj = _linear(d, self.num_key_value_heads * self.head_dim, "matrix_in")
+        self.v_proj = _linear(d, self.num_key_value_heads * self.head_dim, "matrix_in")
+        self.o_proj = _linear(self.num_heads * self.head_dim, d, "matrix_out")
+        # 2026 value embeddings: a per-kv-head gate read from the first 12 channels of the block input.
+        self.ve_gate = _linear(12, self.num_key_value_heads, "gate") if config.has_value_embedding(layer_idx) else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        value_embedding: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
+        eps = self.config.rms_norm_eps
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(B, T, self.num_key_value_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(B, T, self.num_key_value_heads, self.head_dim)
+        if value_embedding is not None:
+            gate = 3 * torch.sigmoid(self.ve_gate(hidden_states[..., :12]))  # (B, T, Hkv), in (0, 3)
+            v = v + gate.unsqueeze(-1) * value_embedding.view(B, T, self.num_key_value_heads, self.head_dim)
+        cos, sin = position_embeddings
+        # RoPE first, then QK-norm: nanochat's order (the norm keeps attention logits bounded after rotation).
+        q, k = rms_norm(apply_rotary(q, cos, sin), eps), rms_norm(apply_rotary(k, cos, sin), eps)
+        if self.config.qk_scale != 1.0:
+            q, k = q * self.config.qk_scale, k * self.config.qk_scale
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, _ = attention_interface(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class HFNanoChatMLP(nn.Module):
+    def __init__(self, config: HFNanoChatConfig):
+        super().__init__()
+        self.fc1 = _linear(config.hidden_size, config.intermediate_size, "matrix_mlp_in")
+        self.fc2 = _linear(config.intermediate_size, config.hidden_size, "matrix_out")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)).square())  # ReLU^2
+
+
+class HFNanoChatDecoderLayer(nn.Module):
+    def __init__(self, config: HFNanoChatConfig, layer_idx: int):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.self_attn = HFNanoChatAttention(config, layer_idx)
+        self.mlp = HFNanoChatMLP(config)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, value_embedding=None, cache=None, **kwargs):
+        hidden_states = hidden_states + self.self_attn(
+            rms_norm(hidden_states, self.eps), position_embeddings, attention_mask, value_embedding, cache, **kwargs
+        )
+        return hidden_states + self.mlp(rms_norm(hidden_states, self.eps))
+
+
+class HFNanoChatPreTrainedModel(PreTrainedModel):
+    config_class = HFNanoChatConfig
+    config: HFNanoChatConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HFNanoChatDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """nanochat's initialisation, per parameter-owning module (see `docs/architecture.md`).
+
+        seed: Linear ~ N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))), embedding ~ N(0, 1), output projections
+        and lm_head zero. 2026: q/k/v ~ U(+-sqrt(3/d)), fc1 ~ U(+-0.4 sqrt(3/d)), embedding ~ N(0, 0.8),
+        lm_head ~ N(0, 0.001), projections zero. Gates, scalars and value embeddings always use the 2026 rules,
+        since only 2026 models have them.
+        """
+        config = self.config
+        d = config.hidden_size
+        s = (3.0 / d) ** 0.5  # uniform bound with std 1/sqrt(d)
+        seed = config.init_scheme == "seed"
+        if isinstance(module, nn.Linear):
+            role = getattr(module, "init_role", "matrix_in")
+            fan_out, fan_in = module.weight.shape
+            if role == "matrix_out":
+                init.zeros_(module.weight)
+            elif role == "lm_head":
+                init.zeros_(module.weight) if seed else init.normal_(module.weight, std=0.001)
+            elif role == "gate":
+                init.uniform_(module.weight, 0.0, 0.02)
+            elif seed:
+                init.normal_(module.weight, std=fan_in**-0.5 * min(1.0, (fan_out / fan_in) ** 0.5))
+            else:
+                bound = 0.4 * s if role == "matrix_mlp_in" else s
+                init.uniform_(module.weight, -bound, bound)
+        elif isinstance(module, nn.Embedding):
+            if getattr(module, "init_role", "") == "value_embedding":
+                init.uniform_(module.weight, -s, s)
+            else:
+                init.normal_(module.weight, std=1.0 if seed else 0.8)
+        elif isinstance(module, HFNanoChatModel):
+            L = config.num_hidden_layers
+            ramp = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
+            if module.resid_lambdas is not None:
+                init.copy_(module.resid_lambdas, 1.15 - 0.10 * ramp)  # 1.15 -> 1.05 over depth
+                init.copy_(module.x0_lambdas, 0.20 - 0.15 * ramp)  # 0.20 -> 0.05 over depth
+            if module.smear_lambda is not None:
+                init.zeros_(module.smear_lambda)  # smear starts disabled
+            if module.backout_lambda is not None:
+                init.constant_(module.backout_lambda, 0.2)
+
+
+class HFNanoChatModel(HFNanoChatPreTrainedModel):
+    """The backbone: embedding -> norm -> (smear) -> blocks -> (backout) -> norm. Returns `last_hidden_state`."""
+
+    def __init__(self, config: HFNanoChatConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(HFNanoChatDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.rotary_emb = HFNanoChatRotaryEmbedding(config)
+        kv_dim = config.num_key_value_heads * config.head_dim
+        self.value_embeds = nn.ModuleDict()
+        for i in range(config.num_hidden_layers):
+            if config.has_value_embedding(i):
+                self.value_embeds[str(i)] = nn.Embedding(config.vocab_size, kv_dim)
+                self.value_embeds[str(i)].init_role = "value_embedding"
+        L = config.num_hidden_layers
+        self.resid_lambdas = nn.Parameter(torch.ones(L)) if config.residual_scalars else None
+        self.x0_lambdas = nn.Parameter(torch.zeros(L)) if config.residual_scalars else None
+        self.smear_gate = _linear(24, 1, "gate") if config.smear else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
+        self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _smear(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        # x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * x[t-1]. While decoding with a cache, x[t-1] is the
+        # last embedding of the previous call, which we keep on the cache object.
+        prev = getattr(cache, "hfnanochat_prev_embedding", None) if cache is not None else None
+        shifted = x[:, :-1] if prev is None else torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, -shifted.shape[1] :, :24]))
+        if cache is not None:
+            cache.hfnanochat_prev_embedding = x[:, -1:].detach()
+        if shifted.shape[1] == 0:
+            return x
+        return torch.cat([x[:, : x.shape[1] - shifted.shape[1]], x[:, -shifted.shape[1] :] + gate * shifted], dim=1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if input_ids is None and len(self.value_embeds):
+            raise ValueError("value embeddings are looked up by token id: pass input_ids, not inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None and not self.training:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+
+        if isinstance(attention_mask, dict):  # generate() with a static cache prepares the masks per layer type
+            masks = attention_mask
+        else:
+            mask_kwargs = dict(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+            )
+            mask_kwargs[_CACHE_FIELD] = cache
+            masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in self.config.layer_types:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        x = rms_norm(inputs_embeds, self.config.rms_norm_eps)  # norm right after the embedding
+        if self.smear_gate is not None:
+            x = self._smear(x, cache)
+        x0 = x
+        backout_layer = self.config.num_hidden_layers // 2
+        x_mid = None
+        for i, layer in enumerate(self.layers):
+            if self.resid_lambdas is not None:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
+            layer_args = (x, position_embeddings, masks[self.config.layer_types[i]], ve, cache)
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(layer.__call__, *layer_args, **kwargs)
+            else:
+                x = layer(*layer_args, **kwargs)
+            if i == backout_layer:
+                x_mid = x
+        if self.backout_lambda is not None:
+            x = x - self.backout_lambda * x_mid
+        x = rms_norm(x, self.config.rms_norm_eps)
+        return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache})
+
+
+class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {}
+
+    def __init__(self, config: HFNanoChatConfig):
+        super().__init__(config)
+        self.model = HFNanoChatModel(config)
+        self.lm_head = _linear(config.hidden_size, config.vocab_size, "lm_head")
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """lm_head on a vocabulary padded to `pad_vocab_size_to`, cropped, cast to fp32, soft-capped.
+
+        We pad the *matmul*, not the stored weight: checkpoints stay `[vocab, d]` (loadable by stock transformers
+        and by TRL's fused head, which multiplies by `lm_head.weight` directly), while the GEMM sees a multiple of 64.
+        """
+        weight = self.lm_head.weight
+        padding = self.config.padded_vocab_size - weight.shape[0]
+        if padding:
+            weight = F.pad(weight, (0, 0, 0, padding))
+        logits = F.linear(hidden_states, weight)
+        if padding:
+            logits = logits[..., : self.config.vocab_size]
+        logits = logits.float()  # softcap in fp32: tanh in bf16 loses the small differences between top logits
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        shift_labels = kwargs.pop("shift_labels", None)  # targets already aligned with positions (pretraining)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.compute_logits(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None or shift_labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, shift_labels=shift_labels, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+
+    # ------------------------------------------------------------------------------------------------------------
+    # nanochat helpers: meta-device construction, FLOPs, optimizer groups
+
+    @classmethod
+    def from_config_on_device(cls, config: HFNanoChatConfig, device: str | torch.device = "cpu"):
+        """nanochat's construction: build on the meta device (no memory, no init cost), materialise, then init."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.init_weights()
+        return model
+
+    def init_weights(self):
+        """(Re-)apply nanochat's initialisation to every parameter, e.g. after `to_empty`."""
+        for module in self.modules():
+            module._is_hf_initialized = False
+            for tensor in module.parameters(recurse=False):
+                tensor._is_hf_initialized = False
+        self.initialize_weights()
+
+    def estimate_flops(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), nanochat's formula (PaLM appendix B).
+
+        6 x (matmul parameters: everything but embedding tables and scalars) + attention 12 * H * hd * context per
+        layer, where a sliding-window layer's context is its window.
+        """
+        seq_len = seq_len or self.config.max_position_embeddings
+        m = self.model
+        not_matmul = [m.embed_tokens.weight, *m.value_embeds.parameters()]
+        not_matmul += [p for p in (m.resid_lambdas, m.x0_lambdas, m.smear_lambda, m.backout_lambda) if p is not None]
+        excluded = {id(p) for p in not_matmul}
+        matmul_params = sum(p.numel() for p in self.parameters() if id(p) not in excluded)
+        c = self.config
+        attention = 0
+        for letter in c.layer_window_letters():
+            context = min(c.resolved_short_window() + 1, seq_len) if letter == "S" else seq_len
+            attention += 12 * c.num_attention_heads * c.head_dim * context
+        return 6 * matmul_params + attention
+
+    def optimizer_param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Split parameters the way nanochat optimises them: Muon for the 2-D matrices inside the blocks, AdamW for
+        the embeddings, the head and the scalars."""
+        m = self.model
+        scalars = [p for p in (m.resid_lambdas, m.x0_lambdas, m.smear_lambda, m.backout_lambda) if p is not None]
+        if m.smear_gate is not None:
+            scalars.append(m.smear_gate.weight)  # 1x24: too small to be worth orthogonalising (nanochat: AdamW)
+        return {
+            "matrix": [p for p in m.layers.parameters()],
+            "embedding": [m.embed_tokens.weight],
+            "value_embedding": [p for p in m.value_embeds.parameters()],
+            "lm_head": [self.lm_head.weight],
+            "scalar": scalars,
+        }
+
+
+__all__ = ["HFNanoChatPreTrainedModel", "HFNanoChatModel", "HFNanoChatForCausalLM"]

@@ -1,0 +1,279 @@
+"""The model as a transformers citizen: shapes, loss, init, generation/cache/padding, save/load, fidelity."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import hfnanochat
+from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
+
+from nanochat_reference import nanochat_forward, random_nanochat_state_dict
+
+
+def tiny_config(**overrides):
+    kwargs = dict(
+        vocab_size=97,  # not a multiple of 64: exercises the padded LM-head matmul
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=96,
+        eos_token_id=95,
+        pad_token_id=95,
+    )
+    kwargs.update(overrides)
+    return HFNanoChatConfig(**kwargs)
+
+
+def random_model(config, seed=0):
+    """A model with every weight non-zero (nanochat zero-inits projections and the head, which hides bugs)."""
+    torch.manual_seed(seed)
+    model = HFNanoChatForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if p.ndim == 2 else 0.1) + (1.0 if "lambdas" in name else 0.0))
+    return model.eval()
+
+
+ALL_2026 = dict(
+    window_pattern="SSL",
+    short_window=4,
+    value_embeddings=True,
+    residual_scalars=True,
+    qk_scale=1.2,
+    smear=True,
+    backout=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+)
+
+
+def test_seed_d20_param_count_and_flops():
+    config = config_for_depth(20)
+    assert (config.hidden_size, config.num_attention_heads, config.head_dim) == (1280, 10, 128)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert isinstance(model, HFNanoChatForCausalLM)
+    assert sum(p.numel() for p in model.parameters()) == 560_988_160
+    assert model.estimate_flops() == pytest.approx(3.49e9, rel=2e-3)
+
+
+def test_bad_configs_raise_clear_errors():
+    with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
+        HFNanoChatConfig(hidden_size=100, num_attention_heads=3)
+    with pytest.raises(ValueError, match="must divide num_attention_heads"):
+        HFNanoChatConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
+    with pytest.raises(ValueError, match="window_pattern"):
+        HFNanoChatConfig(window_pattern="SXL")
+    with pytest.raises(ValueError, match="init_scheme"):
+        HFNanoChatConfig(init_scheme="xavier")
+    with pytest.raises(ValueError, match="depth 5"):
+        config_for_depth(5)
+
+
+def test_forward_loss_is_fp32_softcapped_shifted_cross_entropy():
+    model = random_model(tiny_config())
+    ids = torch.randint(0, 97, (2, 12))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(input_ids=ids, labels=labels, use_cache=False)
+    assert out.logits.dtype == torch.float32 and out.logits.shape == (2, 12, 97)
+    assert out.logits.abs().max() <= 15.0
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    groups = model.optimizer_param_groups()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for ps in groups.values() for p in ps)
+
+
+def test_logits_to_keep():
+    model = random_model(tiny_config())
+    ids = torch.randint(0, 97, (2, 9))
+    full = model(input_ids=ids, use_cache=False).logits
+    last = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last, full[:, -1:])
+
+
+@pytest.mark.parametrize("options", [{}, ALL_2026], ids=["seed", "2026"])
+def test_logits_equal_independent_nanochat_forward(options):
+    config = tiny_config(num_hidden_layers=4, **options)
+    cfg = dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=64, vocab_size=97, sequence_len=64)
+    sd = random_nanochat_state_dict(cfg, head_2026=bool(options))
+    from hfnanochat.convert import nanochat_state_dict_to_hf
+
+    model = HFNanoChatForCausalLM(config).eval()
+    model.load_state_dict(nanochat_state_dict_to_hf(sd, config), strict=True)
+    ids = torch.randint(0, 97, (2, 16))
+    ours = model(input_ids=ids, use_cache=False).logits
+    ref = nanochat_forward(
+        sd,
+        cfg,
+        ids,
+        rope_base=config.rope_parameters["rope_theta"],
+        window_pattern=config.window_pattern,
+        qk_scale=config.qk_scale,
+        short_window=config.resolved_short_window(),
+    )
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_meta_device_construction_and_seed_init():
+    config = config_for_depth(4, vocab_size=512, max_seq_len=128)
+    torch.manual_seed(0)
+    model = HFNanoChatForCausalLM.from_config_on_device(config, "cpu")
+    assert all(not p.is_meta for p in model.parameters())
+    layer = model.model.layers[0]
+    assert model.lm_head.weight.abs().sum() == 0
+    assert layer.self_attn.o_proj.weight.abs().sum() == 0 and layer.mlp.fc2.weight.abs().sum() == 0
+    assert model.model.embed_tokens.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    d = config.hidden_size
+    assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(d**-0.5, rel=0.1)
+    # c_fc: fan_in d, fan_out 4d -> std 1/sqrt(d) * min(1, 2) = 1/sqrt(d)
+    assert layer.mlp.fc1.weight.std().item() == pytest.approx(d**-0.5, rel=0.1)
+
+
+def test_2026_init_and_param_groups_cover_every_parameter_once():
+    config = tiny_config(init_scheme="2026", **ALL_2026)
+    model = HFNanoChatForCausalLM.from_config_on_device(config)
+    m = model.model
+    torch.testing.assert_close(m.resid_lambdas[0], torch.tensor(1.15))
+    torch.testing.assert_close(m.x0_lambdas[-1], torch.tensor(0.05))
+    assert m.smear_lambda.item() == 0.0 and m.backout_lambda.item() == pytest.approx(0.2)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.2)
+    groups = model.optimizer_param_groups()
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert all(p.ndim == 2 for p in groups["matrix"])
+    assert len(groups["value_embedding"]) == 2  # 3 layers: layers 0 and 2 (the last one always has one)
+
+
+def greedy(model, ids, n, **kw):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=95, eos_token_id=None, **kw)
+
+
+@pytest.mark.parametrize("options", [{}, ALL_2026], ids=["seed", "2026"])
+def test_generate_with_cache_equals_without(options):
+    model = random_model(tiny_config(**options))
+    ids = torch.randint(0, 95, (2, 7))
+    with_cache = greedy(model, ids, 12)
+    without = greedy(model, ids, 12, use_cache=False)
+    assert torch.equal(with_cache, without)
+    # and equals a plain argmax loop over full forwards
+    seq = ids
+    for _ in range(12):
+        nxt = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(with_cache, seq)
+
+
+def test_static_cache_generation_matches_dynamic():
+    model = random_model(tiny_config())
+    ids = torch.randint(0, 95, (1, 6))
+    assert torch.equal(greedy(model, ids, 10), greedy(model, ids, 10, cache_implementation="static"))
+
+
+def test_left_padded_batch_equals_one_by_one():
+    model = random_model(tiny_config())
+    prompts = [torch.randint(0, 95, (n,)) for n in (3, 8, 5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((3, width), 95)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    batched = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=95, eos_token_id=None
+    )
+    for i, p in enumerate(prompts):
+        single = greedy(model, p[None], 8)
+        assert torch.equal(batched[i, width:], single[0, len(p) :]), f"row {i}"
+
+
+def test_packed_rows_do_not_attend_across_documents():
+    """TRL packing sends one row with position_ids restarting at 0: documents must stay independent."""
+    model = random_model(tiny_config())
+    a, b = torch.randint(0, 95, (1, 5)), torch.randint(0, 95, (1, 7))
+    packed = torch.cat([a, b], dim=1)
+    position_ids = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    out = model(input_ids=packed, position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(out[:, :5], model(input_ids=a, use_cache=False).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 5:], model(input_ids=b, use_cache=False).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_and_sdpa_agree():
+    model = random_model(tiny_config(**ALL_2026))
+    ids = torch.randint(0, 95, (2, 11))
+    sdpa = model(input_ids=ids, use_cache=False).logits
+    model.set_attn_implementation("eager")
+    eager = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_trl_fused_head_loss_matches_forward():
+    """TRL's SFT/GRPO loss multiplies the backbone output by lm_head.weight and softcaps from the config."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    model = random_model(tiny_config())
+    ids = torch.randint(0, 95, (2, 10))
+    expected = model(input_ids=ids, labels=ids, use_cache=False).loss
+    trl_utils.add_fused_lm_head(model)
+    fused = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_grads():
+    model = random_model(tiny_config()).train()
+    ids = torch.randint(0, 95, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+def test_save_load_round_trip_in_process(tmp_path):
+    model = random_model(tiny_config(**ALL_2026))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 95, (1, 9))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_fresh_process_loads_with_trust_remote_code_without_hfnanochat(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    model = random_model(tiny_config(**ALL_2026))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "hfnanochat"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hfnanochat.HFNanoChatForCausalLM"
+    assert (tmp_path / "modeling_hfnanochat.py").exists() and (tmp_path / "configuration_hfnanochat.py").exists()
+    ids = torch.randint(0, 95, (1, 9))
+    expected = model(input_ids=ids, use_cache=False).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+    script = f"""
+import sys
+sys.modules["hfnanochat"] = None  # any attempt to import the package now fails
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True, dtype=torch.float32).eval()
+ref = torch.load({str(tmp_path / "expected.pt")!r})
+out = m(input_ids=ref["ids"], use_cache=False).logits
+assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
+assert torch.allclose(out, ref["logits"], atol=1e-5), (out - ref["logits"]).abs().max()
+gen = m.generate(ref["ids"], max_new_tokens=4, do_sample=False, pad_token_id=95, eos_token_id=None)
+assert gen.shape == (1, 13)
+print("OK")
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

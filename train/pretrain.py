@@ -1,0 +1,393 @@
+"""Pretrain the base model: nanochat's `base_train.py` as an ordinary Accelerate program.
+
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml train/pretrain.py --preset d20   # the $100 run
+    accelerate launch train/pretrain.py --preset tiny --data ../shared/data/text/tinyshakespeare.txt   # CPU, minutes
+
+Notable:
+- One dial, `--depth`; the horizon follows a tokens:params ratio (20, Chinchilla, the seed) unless `--num-iterations`
+  or `--target-flops` says otherwise. The total batch (524,288 tokens) never changes with the GPU count: gradient
+  accumulation is derived from the world size.
+- Muon for the block matrices, AdamW for embeddings/head/scalars (`hfnanochat.optim`), LR/momentum schedules set by
+  hand every step, as nanochat does. Accelerate owns processes, mixed precision, gradient sync and checkpoint state.
+- Data: BOS-aligned best-fit packing (`hfnanochat.data`) over `--data-streams` fixed streams; each process owns
+  streams r, r+W, ..., so 1 GPU and N GPUs see the same global batch at every step (and a run can resume on a
+  different GPU count).
+- Checkpoints are written to a temporary folder and renamed into `OUT/checkpoints/step_NNNNNN` (a crash mid-write
+  leaves the previous one intact); `--resume` continues bit-exactly (model, optimizer, RNG, data position).
+- Logs: progress bar with loss/bpb/tok/s/MFU, `OUT/metrics.jsonl` (one JSON object per step), trackers via
+  `--report-to`. A non-finite loss stops the run and keeps the last good checkpoint.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
+from hfnanochat.convert import set_generation_defaults
+from hfnanochat.data import BOSBestFitLoader, DocumentStream, evaluate_bpb
+from hfnanochat.optim import apply_schedule, build_optimizer
+from hfnanochat.tokenizer import load_token_bytes
+
+# fmt: off
+PRESETS = {
+    # the seed's tiers (8xH100 node): d20 is the $100 run, d26 the $300 run, d32 the $1000 run
+    "d20": dict(depth=20, device_batch_size=32),
+    "d26": dict(depth=26, device_batch_size=16),
+    "d32": dict(depth=32, device_batch_size=8),
+    # a CPU-sized run for laptops and CI: same code path, 60 steps of a depth-4 model on 256-token rows
+    "tiny": dict(depth=4, max_seq_len=256, device_batch_size=4, total_batch_size=4 * 256 * 4, num_iterations=60,
+                 eval_every=20, eval_tokens=4 * 256 * 2, sample_every=60, save_every=30, compile=False),
+}
+# fmt: on
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+DEFAULT_DATA = "HuggingFaceFW/fineweb-edu"  # the seed's pretraining data
+# bf16 dense peak FLOP/s per GPU, for MFU (nanochat's table)
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2.25e15}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults for a tier; explicit flags win")
+    # model
+    p.add_argument("--depth", type=int, default=20, help="layers; width = 64 * depth")
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--window-pattern", default="L", help="2026 sliding windows, e.g. SSSL (L = full context)")
+    p.add_argument("--arch-2026", action="store_true", help="value embeddings, residual scalars, qk x1.2, smear, backout, RoPE 100k")
+    # batch and horizon
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per GPU per micro-step")
+    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (2**19)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="explicit number of steps (overrides the rest)")
+    p.add_argument("--target-flops", type=float, default=-1.0, help="horizon from a FLOP budget")
+    p.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla 20)")
+    # optimizer (nanochat's seed values)
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon")
+    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW, scaled by (d/768)^-0.5")
+    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW, scaled by (d/768)^-0.5")
+    p.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW, 2026 scalars")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay (seed: 0)")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--warmdown-ratio", type=float, default=0.2, help="linear decay over the last fraction of steps")
+    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
+    # data
+    p.add_argument("--data", default=DEFAULT_DATA, help="Hub dataset id or local txt/jsonl/parquet path")
+    p.add_argument("--data-name", default=None, help="config name of a Hub dataset (FineWeb-EDU: sample-10BT)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--data-streams", type=int, default=None, help="fixed data shards (default: the world size)")
+    p.add_argument("--tokenizer", default="out/tokenizer", help="folder written by train/tokenizer.py")
+    # evaluation, checkpoints, logging
+    p.add_argument("--eval-every", type=int, default=250, help="validation bpb every N steps (0: only at the end)")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
+    p.add_argument("--sample-every", type=int, default=2000, help="greedy samples from fixed prompts")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--out", default="out/pretrain")
+    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on GPU)")
+    p.add_argument("--core", action=argparse.BooleanOptionalAction, default=True, help="CORE at the end when available")
+    p.add_argument("--seed", type=int, default=42)
+    args = p.parse_args(argv)
+    if args.preset:  # a preset supplies defaults; flags given explicitly on the command line still win
+        given = {a.dest for a in p._actions if any(opt in (argv if argv is not None else sys.argv[1:]) for opt in a.option_strings)}
+        for key, value in PRESETS[args.preset].items():
+            if key not in given:
+                setattr(args, key, value)
+    return args
+
+
+def model_config(args, tokenizer) -> HFNanoChatConfig:
+    options = {}
+    if args.arch_2026:
+        options = dict(value_embeddings=True, residual_scalars=True, qk_scale=1.2, smear=True, backout=True,
+                       init_scheme="2026", rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    return config_for_depth(
+        args.depth, vocab_size=len(tokenizer), max_seq_len=args.max_seq_len, window_pattern=args.window_pattern,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **options,
+    )
+
+
+def num_steps(args, model, flops_per_token) -> int:
+    # precedence as nanochat: explicit steps > FLOP budget > tokens:params ratio
+    if args.num_iterations > 0:
+        return args.num_iterations
+    if args.target_flops > 0:
+        return round(args.target_flops / (flops_per_token * args.total_batch_size))
+    params = sum(p.numel() for p in model.parameters())
+    return round(args.target_param_data_ratio * params / args.total_batch_size)
+
+
+def peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def find_checkpoint(out: Path, resume: str) -> Path:
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "trainer_state.json").exists():
+            raise ValueError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
+        return path
+    found = sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"))
+    if not found:
+        raise ValueError(f"--resume: no checkpoints in {out / 'checkpoints'}")
+    return found[-1]
+
+
+def check_resume_config(path: Path, config: HFNanoChatConfig, args, world_size: int):
+    saved = HFNanoChatConfig.from_pretrained(path / "model")
+    fields = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "max_position_embeddings", "window_pattern", "value_embeddings", "residual_scalars", "smear", "backout"]
+    diff = [f"{f}: checkpoint {getattr(saved, f)!r} vs now {getattr(config, f)!r}" for f in fields
+            if getattr(saved, f) != getattr(config, f)]
+    state = json.loads((path / "trainer_state.json").read_text())
+    for key in ("total_batch_size", "max_seq_len", "data_streams"):
+        if state["args"][key] != getattr(args, key):
+            diff.append(f"{key}: checkpoint {state['args'][key]!r} vs now {getattr(args, key)!r}")
+    if diff:
+        raise ValueError(f"--resume {path}: the checkpoint does not match this run's settings: " + "; ".join(diff))
+    return state
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    accelerator = Accelerator(log_with=None if args.report_to == "none" else args.report_to, project_dir=str(out))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    args.data_streams = args.data_streams or world
+    set_seed(args.seed)
+
+    # -- validate everything cheap before any GPU time is spent ---------------------------------------------------
+    tokens_per_micro = args.device_batch_size * args.max_seq_len
+    if args.data_streams % world:
+        raise ValueError(f"--data-streams {args.data_streams} must be a multiple of the {world} processes")
+    if args.total_batch_size % (tokens_per_micro * world):
+        raise ValueError(
+            f"--total-batch-size {args.total_batch_size} is not divisible by device batch {args.device_batch_size} x "
+            f"seq {args.max_seq_len} x {world} processes = {tokens_per_micro * world} tokens per micro-step"
+        )
+    grad_accum = args.total_batch_size // (tokens_per_micro * world)
+    streams = list(range(rank, args.data_streams, world))
+    if grad_accum % len(streams):
+        raise ValueError(f"gradient accumulation {grad_accum} must be a multiple of the {len(streams)} data streams per process")
+    if not Path(args.tokenizer).exists():
+        raise ValueError(f"--tokenizer {args.tokenizer} does not exist; train one with train/tokenizer.py --out {args.tokenizer}")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    token_bytes = load_token_bytes(args.tokenizer).to(device)
+    config = model_config(args, tokenizer)
+    resume_path = find_checkpoint(out, args.resume) if args.resume else None
+    resume_state = check_resume_config(resume_path, config, args, world) if resume_path else None
+
+    if args.data == DEFAULT_DATA and args.data_name is None:
+        args.data_name = "sample-10BT"  # the 10B-token sample of FineWeb-EDU: more than a d20 run reads
+
+    def make_loader(split, stream, num_streams):
+        documents = DocumentStream(args.data, split=split, text_column=args.text_column, name=args.data_name,
+                                   rank=stream, world_size=num_streams)
+        return BOSBestFitLoader(tokenizer, documents, args.device_batch_size, args.max_seq_len, device=device)
+
+    train_loaders = [make_loader("train", s, args.data_streams) for s in streams]  # raises on bad --data/column
+
+    # -- model and optimizer --------------------------------------------------------------------------------------
+    model = HFNanoChatForCausalLM.from_config_on_device(config, device)
+    model.config.use_cache = False
+    flops_per_token = model.estimate_flops(args.max_seq_len)
+    steps = num_steps(args, model, flops_per_token)
+    optimizer = build_optimizer(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+                                unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,
+                                weight_decay=args.weight_decay)
+    if args.compile:
+        model = torch.compile(model, dynamic=False)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    # The model is checkpointed as a from_pretrained-able HF folder, not as accelerate's bare state dict.
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            raw_model.save_pretrained(Path(output_dir) / "model")
+        weights.clear()
+
+    def load_model_hook(models, input_dir):
+        loaded = HFNanoChatForCausalLM.from_pretrained(Path(input_dir) / "model", dtype=torch.float32)
+        raw_model.load_state_dict(loaded.state_dict())
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    step, smooth_loss, total_time, val_bpb = 0, 0.0, 0.0, None
+    if resume_state:
+        accelerator.load_state(str(resume_path))
+        for s, loader in zip(streams, train_loaders):
+            loader.load_state_dict(torch.load(resume_path / f"data_stream{s}.pt", weights_only=False))
+        step, smooth_loss, total_time = resume_state["step"], resume_state["smooth_loss"], resume_state["total_time"]
+        accelerator.print(f"resumed from {resume_path} at step {step}")
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    peak = peak_flops(device)
+    accelerator.print(
+        f"model: depth {args.depth}, width {config.hidden_size}, {n_params:,} parameters, "
+        f"{flops_per_token:.3e} FLOPs/token | {world} process(es), grad accumulation {grad_accum}, "
+        f"{steps} steps x {args.total_batch_size:,} tokens = {steps * args.total_batch_size:,} tokens"
+    )
+    accelerator.init_trackers("hfnanochat-pretrain", config={k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))})
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics_file = out / "metrics.jsonl"
+
+    def evaluate() -> float:
+        model.eval()
+        eval_steps = max(1, args.eval_tokens // (tokens_per_micro * args.data_streams))
+        batches = []
+        for s in streams:  # a fresh validation loader every time, so every evaluation sees the same tokens
+            batches += list(itertools.islice(make_loader("val", s, args.data_streams), eval_steps))
+        if not batches:
+            raise ValueError(f"the validation split of {args.data} is too small for one batch of "
+                             f"{args.device_batch_size} x {args.max_seq_len} tokens")
+        with torch.no_grad(), accelerator.autocast():
+            bpb = evaluate_bpb(raw_model, batches, token_bytes)
+        model.train()
+        return bpb
+
+    def sample():
+        raw_model.eval()
+        for prompt in SAMPLE_PROMPTS:
+            ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)], device=device)
+            with torch.no_grad(), accelerator.autocast():
+                outp = raw_model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=True,
+                                          eos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+            accelerator.print(f"  {tokenizer.decode(outp[0, 1:])!r}")
+        raw_model.train()
+
+    def save_checkpoint():
+        final = out / "checkpoints" / f"step_{step:06d}"
+        tmp = out / "checkpoints" / f".tmp_step_{step:06d}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        for s, loader in zip(streams, train_loaders):  # data position is per stream, so every rank writes its own
+            torch.save(loader.state_dict(), tmp / f"data_stream{s}.pt")
+        if accelerator.is_main_process:
+            state = dict(step=step, smooth_loss=smooth_loss, total_time=total_time, val_bpb=val_bpb, args=vars(args))
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # atomic on POSIX: readers see the old set of checkpoints or the new one
+            for old in sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"))[: -args.keep_checkpoints]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    model.train()
+    bar = tqdm(total=steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True, desc="pretrain")
+    while True:
+        last_step = step == steps
+        if args.eval_every > 0 and (last_step or step % args.eval_every == 0) or (last_step and args.eval_every <= 0):
+            val_bpb = evaluate()
+            accelerator.print(f"step {step:05d} | validation bpb {val_bpb:.4f}")
+            accelerator.log({"val/bpb": val_bpb}, step=step)
+        if accelerator.is_main_process and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+            sample()
+        if step > 0 and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+            if not (resume_state and step == resume_state["step"]):
+                save_checkpoint()
+        if last_step:
+            break
+
+        schedule = apply_schedule(optimizer, step, steps, warmup_steps=args.warmup_steps,
+                                  warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac)
+        t0 = time.time()
+        step_loss = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            x, y = next(train_loaders[micro % len(streams)])
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss = model(input_ids=x, shift_labels=y, use_cache=False).loss  # the loader already shifted y
+                step_loss += loss.detach() / grad_accum
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        step_loss = accelerator.reduce(step_loss, reduction="mean").item()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        if not math.isfinite(step_loss):
+            accelerator.print(f"step {step}: loss is {step_loss}; stopping. The last good checkpoint is kept in {out / 'checkpoints'}.")
+            accelerator.end_training()
+            sys.exit(1)
+        step += 1
+        if step > 10:  # like nanochat, the first steps (compilation, warm-up) don't count towards training time
+            total_time += dt
+        smooth_loss = 0.9 * smooth_loss + 0.1 * step_loss
+        debiased = smooth_loss / (1 - 0.9**step)
+        tok_per_sec = args.total_batch_size / dt
+        mfu = 100 * flops_per_token * tok_per_sec / (peak * world) if peak else None
+        record = dict(step=step, loss=step_loss, smooth_loss=debiased, lrm=schedule["lrm"], dt=dt, tok_per_sec=tok_per_sec,
+                      mfu=mfu, val_bpb=val_bpb, total_time=total_time)
+        if accelerator.is_main_process:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        accelerator.log({f"train/{k}": v for k, v in record.items() if v is not None}, step=step)
+        bar.set_postfix_str(f"loss {debiased:.4f} | bpb {val_bpb or float('nan'):.4f} | {tok_per_sec:,.0f} tok/s"
+                            + (f" | MFU {mfu:.1f}%" if mfu is not None else ""))
+        bar.update(1)
+    bar.close()
+
+    # -- final HF folder: weights, config, tokenizer + chat template, generation defaults ----------------------------
+    final_dir = out / "final"
+    if accelerator.is_main_process:
+        raw_model.config.use_cache = True
+        raw_model.save_pretrained(final_dir)
+        tokenizer.save_pretrained(final_dir)
+        shutil.copy2(Path(args.tokenizer) / "token_bytes.pt", final_dir / "token_bytes.pt") if (Path(args.tokenizer) / "token_bytes.pt").exists() else None
+        set_generation_defaults(raw_model, tokenizer, final_dir)
+        accelerator.print(f"saved {final_dir} | validation bpb {val_bpb:.4f} | training time {total_time / 60:.1f} min")
+    accelerator.wait_for_everyone()
+    if args.core and accelerator.is_main_process:
+        run_core_if_available(final_dir)
+    accelerator.end_training()
+
+
+def run_core_if_available(model_dir: Path):
+    """CORE lives in `hfnanochat.core` (evaluation milestone); run it on the final model once it exists."""
+    import importlib.util
+
+    if importlib.util.find_spec("hfnanochat.core") is None:
+        print("CORE: hfnanochat.core is not part of this installation; skipping")
+        return
+    from hfnanochat.core import evaluate_core
+
+    print(f"CORE: {evaluate_core(str(model_dir))}")
+
+
+if __name__ == "__main__":
+    main()
