@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from huggingface_hub import HfApi
+from huggingface_hub.errors import GatedRepoError, HFValidationError, HfHubHTTPError, RepositoryNotFoundError
 
 # 1% held out: tinyshakespeare gets ~70 validation speeches, and row 0 makes even a one-row file evaluable.
 VAL_EVERY = 100
@@ -84,8 +86,6 @@ def _paragraphs(files: list[str]) -> Iterator[dict]:
 
 def _open_hub(repo_id: str, name: str | None, split: str) -> tuple[datasets.IterableDataset, bool]:
     """The streamed Hub split to read for `split`, and whether every VAL_EVERY-th row of it must be held out."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, HfHubHTTPError, RepositoryNotFoundError
     try:
         # one quick request first: offline, `load_dataset` retries for ~25 s before failing with a vaguer message
         HfApi().dataset_info(repo_id, timeout=10)
@@ -132,8 +132,9 @@ class DocumentStream:
             if kind == "text":
                 if text_column != "text":
                     raise ValueError(f"text_column={text_column!r}, but .txt files have no columns")
-                self._dataset = datasets.IterableDataset.from_generator(
-                    _paragraphs, gen_kwargs={"files": files}, features=datasets.Features({"text": datasets.Value("string")}))
+                features = datasets.Features({"text": datasets.Value("string")})
+                self._dataset = datasets.IterableDataset.from_generator(_paragraphs, gen_kwargs={"files": files},
+                                                                         features=features)
             else:
                 self._dataset = datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
             self._holdout = True
@@ -168,7 +169,8 @@ class DocumentStream:
             n_rows += 1
             text, k = row[self.text_column], self._split_index(i)
             if text is not None and not isinstance(text, str):
-                raise ValueError(f"column {self.text_column!r} of {self.source!r} holds {type(text).__name__}, not text")
+                raise ValueError(f"column {self.text_column!r} of {self.source!r} holds {type(text).__name__}, "
+                                 "not text")
             if k is None or not (text and text.strip()):
                 continue
             n_docs += 1
@@ -177,7 +179,8 @@ class DocumentStream:
         if n_rows == 0:
             raise ValueError(f"{self.source!r} has no rows")
         if n_docs == 0:
-            rule = f"; without a validation split, rows 0, {VAL_EVERY}, {2 * VAL_EVERY}, ... are validation" if self._holdout else ""
+            rule = (f"; without a validation split, rows 0, {VAL_EVERY}, {2 * VAL_EVERY}, ... are validation"
+                    if self._holdout else "")
             raise ValueError(f"the {self.split!r} split of {self.source!r} has no non-empty documents in column "
                              f"{self.text_column!r} ({n_rows} rows read{rule})")
         raise ValueError(f"rank {self.rank} of {self.world_size} gets none of the {n_docs} documents of the "

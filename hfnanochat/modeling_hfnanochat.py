@@ -295,6 +295,12 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
             raise ValueError("value embeddings are looked up by token id: pass input_ids, not inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        device_type = inputs_embeds.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Keep the residual stream in the compute dtype (nanochat 2026: `wte(idx).to(COMPUTE_DTYPE)`; the seed
+            # stored wte in bf16). An fp32 embedding under autocast would make every residual add and norm fp32 and
+            # double the activation memory.
+            inputs_embeds = inputs_embeds.to(torch.get_autocast_dtype(device_type))
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:
             cache = DynamicCache(config=self.config)
@@ -406,6 +412,8 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         logits = self.compute_logits(hidden_states[:, keep, :])
         loss = None
         if labels is not None or shift_labels is not None:
+            if shift_labels is not None:
+                shift_labels = shift_labels.contiguous()  # the loss flattens it with .view
             loss = self.loss_function(logits, labels, self.config.vocab_size, shift_labels=shift_labels, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
 

@@ -277,3 +277,13 @@ print("OK")
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_static_cache_generation_with_fullgraph_compile():
+    """The GPU decode path: a static cache and a fullgraph-compiled forward (no graph breaks) give the same tokens."""
+    model = random_model(tiny_config())
+    ids = torch.randint(0, 95, (1, 6))
+    expected = greedy(model, ids, 8)
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    assert torch.equal(greedy(model, ids, 8, cache_implementation="static"), expected)

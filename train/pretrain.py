@@ -11,11 +11,14 @@ Notable:
   hand every step, as nanochat does. Accelerate owns processes, mixed precision, gradient sync and checkpoint state.
 - Data: BOS-aligned best-fit packing (`hfnanochat.data`) over `--data-streams` fixed streams; each process owns
   streams r, r+W, ..., so 1 GPU and N GPUs see the same global batch at every step (and a run can resume on a
-  different GPU count).
+  different GPU count). The losses then agree to float rounding only: the gradient sums run in another order
+  (all-reduce vs. accumulation), and Adam/Muon amplify that last-bit noise to ~1e-4 within a few steps.
 - Checkpoints are written to a temporary folder and renamed into `OUT/checkpoints/step_NNNNNN` (a crash mid-write
-  leaves the previous one intact); `--resume` continues bit-exactly (model, optimizer, RNG, data position).
+  leaves the previous one intact; `--resume latest` skips a partial folder); `--resume` continues bit-exactly (model,
+  optimizer, RNG, data position, smoothed loss) and rewrites `metrics.jsonl` from the checkpoint's step on.
 - Logs: progress bar with loss/bpb/tok/s/MFU, `OUT/metrics.jsonl` (one JSON object per step), trackers via
-  `--report-to`. A non-finite loss stops the run and keeps the last good checkpoint.
+  `--report-to`. A non-finite loss, or non-finite weights at a save, stops the run (exit 1) and keeps the last good
+  checkpoint.
 """
 
 import argparse
@@ -36,6 +39,7 @@ from transformers import AutoTokenizer
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
 from hfnanochat.convert import set_generation_defaults
+from hfnanochat.mfu import peak_flops
 from hfnanochat.data import BOSBestFitLoader, DocumentStream, evaluate_bpb
 from hfnanochat.optim import apply_schedule, build_optimizer
 from hfnanochat.tokenizer import load_token_bytes
@@ -43,9 +47,12 @@ from hfnanochat.tokenizer import load_token_bytes
 # fmt: off
 PRESETS = {
     # the seed's tiers (8xH100 node): d20 is the $100 run, d26 the $300 run, d32 the $1000 run
-    "d20": dict(depth=20, device_batch_size=32),
-    "d26": dict(depth=26, device_batch_size=16),
-    "d32": dict(depth=32, device_batch_size=8),
+    # Device batches are sized for 80 GB GPUs: nanochat runs d20 at 32 rows, but our step peaks at 113 GiB there
+    # (measured, docs/benchmarks.md), so the presets halve it; gradient accumulation keeps the total batch. d26/d32
+    # are scaled from the d20 measurement (activations per row grow ~1.7x and ~2.6x), not measured.
+    "d20": dict(depth=20, device_batch_size=16),
+    "d26": dict(depth=26, device_batch_size=8),
+    "d32": dict(depth=32, device_batch_size=4),
     # a CPU-sized run for laptops and CI: same code path, 60 steps of a depth-4 model on 256-token rows
     "tiny": dict(depth=4, max_seq_len=256, device_batch_size=4, total_batch_size=4 * 256 * 4, num_iterations=60,
                  eval_every=20, eval_tokens=4 * 256 * 2, sample_every=60, save_every=30, compile=False),
@@ -61,8 +68,6 @@ SAMPLE_PROMPTS = [
     "If 5*x + 3 = 13, then x is",
 ]
 DEFAULT_DATA = "HuggingFaceFW/fineweb-edu"  # the seed's pretraining data
-# bf16 dense peak FLOP/s per GPU, for MFU (nanochat's table)
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2.25e15}
 
 
 def parse_args(argv=None):
@@ -107,13 +112,12 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on GPU)")
     p.add_argument("--core", action=argparse.BooleanOptionalAction, default=True, help="CORE at the end when available")
     p.add_argument("--seed", type=int, default=42)
-    args = p.parse_args(argv)
-    if args.preset:  # a preset supplies defaults; flags given explicitly on the command line still win
-        given = {a.dest for a in p._actions if any(opt in (argv if argv is not None else sys.argv[1:]) for opt in a.option_strings)}
-        for key, value in PRESETS[args.preset].items():
-            if key not in given:
-                setattr(args, key, value)
-    return args
+    # A preset replaces the defaults, so every flag given on the command line still wins, in any spelling argparse
+    # accepts (--depth 2, --depth=2, an abbreviation).
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
+    return p.parse_args(argv)
 
 
 def model_config(args, tokenizer) -> HFNanoChatConfig:
@@ -138,31 +142,42 @@ def num_steps(args, model, flops_per_token) -> int:
     return round(args.target_param_data_ratio * params / args.total_batch_size)
 
 
-def peak_flops(device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+def is_complete(path: Path) -> bool:
+    # trainer_state.json is the last file written into the temporary folder, so a folder without it was cut short
+    return (path / "trainer_state.json").is_file() and (path / "model" / "config.json").is_file()
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """OUT/checkpoints/step_NNNNNN folders, complete or not, oldest first (by step number, not by name)."""
+    found = [p for p in (out / "checkpoints").glob("step_*") if p.name[5:].isdigit() and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def find_checkpoint(out: Path, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume)
-        if not (path / "trainer_state.json").exists():
-            raise ValueError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
+        if not is_complete(path):
+            raise ValueError(f"--resume {resume}: not a complete checkpoint folder (no trainer_state.json or model/)")
         return path
-    found = sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"))
+    found = [p for p in checkpoints(out) if is_complete(p)]  # a crash can leave a partial folder: skip it
     if not found:
-        raise ValueError(f"--resume: no checkpoints in {out / 'checkpoints'}")
+        raise ValueError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
     return found[-1]
 
 
-def check_resume_config(path: Path, config: HFNanoChatConfig, args, world_size: int):
+# config field -> the flag that sets it, so that a mismatch says what to change
+RESUME_FIELDS = {
+    "vocab_size": "--tokenizer", "hidden_size": "--depth", "num_hidden_layers": "--depth",
+    "num_attention_heads": "--depth", "num_key_value_heads": "--depth", "max_position_embeddings": "--max-seq-len",
+    "window_pattern": "--window-pattern", "value_embeddings": "--arch-2026", "residual_scalars": "--arch-2026",
+    "smear": "--arch-2026", "backout": "--arch-2026",
+}
+
+
+def check_resume_config(path: Path, config: HFNanoChatConfig, args):
     saved = HFNanoChatConfig.from_pretrained(path / "model")
-    fields = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "max_position_embeddings", "window_pattern", "value_embeddings", "residual_scalars", "smear", "backout"]
-    diff = [f"{f}: checkpoint {getattr(saved, f)!r} vs now {getattr(config, f)!r}" for f in fields
-            if getattr(saved, f) != getattr(config, f)]
+    diff = [f"{f} ({flag}): checkpoint {getattr(saved, f)!r} vs now {getattr(config, f)!r}"
+            for f, flag in RESUME_FIELDS.items() if getattr(saved, f) != getattr(config, f)]
     state = json.loads((path / "trainer_state.json").read_text())
     for key in ("total_batch_size", "max_seq_len", "data_streams"):
         if state["args"][key] != getattr(args, key):
@@ -170,6 +185,19 @@ def check_resume_config(path: Path, config: HFNanoChatConfig, args, world_size: 
     if diff:
         raise ValueError(f"--resume {path}: the checkpoint does not match this run's settings: " + "; ".join(diff))
     return state
+
+
+def truncate_metrics(path: Path, step: int):
+    """Keep the records of steps <= `step`: the steps after it, logged before a crash (or by an earlier run into the
+    same folder), are about to be redone. A last line cut short by the crash does not parse and goes too."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(kept))
 
 
 def main(argv=None):
@@ -184,6 +212,8 @@ def main(argv=None):
 
     # -- validate everything cheap before any GPU time is spent ---------------------------------------------------
     tokens_per_micro = args.device_batch_size * args.max_seq_len
+    if args.keep_checkpoints < 1:
+        raise ValueError(f"--keep-checkpoints {args.keep_checkpoints}: keep at least the newest checkpoint")
     if args.data_streams % world:
         raise ValueError(f"--data-streams {args.data_streams} must be a multiple of the {world} processes")
     if args.total_batch_size % (tokens_per_micro * world):
@@ -192,6 +222,9 @@ def main(argv=None):
             f"seq {args.max_seq_len} x {world} processes = {tokens_per_micro * world} tokens per micro-step"
         )
     grad_accum = args.total_batch_size // (tokens_per_micro * world)
+    # Accelerate's accumulate() syncs, clips and steps only on every grad_accum-th micro-step (and backward divides the
+    # loss by it); left at its default of 1, every micro-step would be an optimizer step of its own.
+    accelerator.gradient_accumulation_steps = grad_accum
     streams = list(range(rank, args.data_streams, world))
     if grad_accum % len(streams):
         raise ValueError(f"gradient accumulation {grad_accum} must be a multiple of the {len(streams)} data streams per process")
@@ -201,7 +234,7 @@ def main(argv=None):
     token_bytes = load_token_bytes(args.tokenizer).to(device)
     config = model_config(args, tokenizer)
     resume_path = find_checkpoint(out, args.resume) if args.resume else None
-    resume_state = check_resume_config(resume_path, config, args, world) if resume_path else None
+    resume_state = check_resume_config(resume_path, config, args) if resume_path else None
 
     if args.data == DEFAULT_DATA and args.data_name is None:
         args.data_name = "sample-10BT"  # the 10B-token sample of FineWeb-EDU: more than a d20 run reads
@@ -243,9 +276,13 @@ def main(argv=None):
     step, smooth_loss, total_time, val_bpb = 0, 0.0, 0.0, None
     if resume_state:
         accelerator.load_state(str(resume_path))
+        # load_state restores Accelerate's micro-step counter, which counts in the checkpoint's grad_accum; a
+        # checkpoint sits on a step boundary, so count from 0 (a run on another process count has another grad_accum)
+        accelerator.step = 0
         for s, loader in zip(streams, train_loaders):
             loader.load_state_dict(torch.load(resume_path / f"data_stream{s}.pt", weights_only=False))
         step, smooth_loss, total_time = resume_state["step"], resume_state["smooth_loss"], resume_state["total_time"]
+        val_bpb = resume_state["val_bpb"]  # logged with every step until the next evaluation, as in the unbroken run
         accelerator.print(f"resumed from {resume_path} at step {step}")
 
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -256,9 +293,11 @@ def main(argv=None):
         f"{steps} steps x {args.total_batch_size:,} tokens = {steps * args.total_batch_size:,} tokens"
     )
     accelerator.init_trackers("hfnanochat-pretrain", config={k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))})
+    metrics_file = out / "metrics.jsonl"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    metrics_file = out / "metrics.jsonl"
+        if metrics_file.exists():
+            truncate_metrics(metrics_file, step)
 
     def evaluate() -> float:
         model.eval()
@@ -284,11 +323,23 @@ def main(argv=None):
             accelerator.print(f"  {tokenizer.decode(outp[0, 1:])!r}")
         raw_model.train()
 
+    def stop(reason: str):
+        bar.close()  # stop() is only called from inside the loop, where the bar exists
+        good = [p for p in checkpoints(out) if is_complete(p)]
+        accelerator.print(f"{reason}; stopping. The last good checkpoint is "
+                          + (f"{good[-1]}: resume from it with a lower LR" if good else "none: none was saved yet"))
+        accelerator.end_training()
+        sys.exit(1)
+
     def save_checkpoint():
+        # Under DDP every rank holds the same weights, so every rank reaches the same verdict.
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            stop(f"step {step}: the weights are not finite (the last update overflowed), so they are not saved")
         final = out / "checkpoints" / f"step_{step:06d}"
         tmp = out / "checkpoints" / f".tmp_step_{step:06d}"
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in (out / "checkpoints").glob(".tmp_*"):  # left by a crash mid-write or mid-delete
+                shutil.rmtree(stale)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
@@ -301,8 +352,14 @@ def main(argv=None):
         if accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # atomic on POSIX: readers see the old set of checkpoints or the new one
-            for old in sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"))[: -args.keep_checkpoints]:
-                shutil.rmtree(old)
+            complete = [p for p in checkpoints(out) if is_complete(p)]
+            partial = [p for p in checkpoints(out) if not is_complete(p)]
+            for old in complete[: -args.keep_checkpoints] + partial:
+                # renamed first, so that a crash mid-delete leaves a .tmp_ folder (cleaned up above), never a step_
+                # folder that lacks files
+                trash = old.with_name(f".tmp_delete_{old.name}")
+                os.replace(old, trash)
+                shutil.rmtree(trash)
         accelerator.wait_for_everyone()
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -341,9 +398,7 @@ def main(argv=None):
             torch.cuda.synchronize()
         dt = time.time() - t0
         if not math.isfinite(step_loss):
-            accelerator.print(f"step {step}: loss is {step_loss}; stopping. The last good checkpoint is kept in {out / 'checkpoints'}.")
-            accelerator.end_training()
-            sys.exit(1)
+            stop(f"step {step + 1}: loss is {step_loss}")
         step += 1
         if step > 10:  # like nanochat, the first steps (compilation, warm-up) don't count towards training time
             total_time += dt
