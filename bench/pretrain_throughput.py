@@ -33,6 +33,7 @@ def main():
     p.add_argument("--steps", type=int, default=8, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps (compilation)")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--loss-chunk-size", type=int, default=0, help="chunked head + loss (0: full logits)")
     p.add_argument("--jsonl", default=None)
     args = p.parse_args()
 
@@ -70,7 +71,7 @@ def main():
         for micro in range(grad_accum):
             row = batches[micro % 2]
             with accelerator.accumulate(model), accelerator.autocast():
-                loss = model(input_ids=row[:, :-1], shift_labels=row[:, 1:]).loss
+                loss = model(input_ids=row[:, :-1], shift_labels=row[:, 1:], loss_chunk_size=args.loss_chunk_size).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), 1.0)
@@ -92,6 +93,7 @@ def main():
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         world_size=world, depth=args.depth, seq=args.max_seq_len, device_batch=args.device_batch_size,
         grad_accum=grad_accum, window_pattern=args.window_pattern, attn=args.attn, compile=not args.no_compile,
+        loss_chunk_size=args.loss_chunk_size,
         params=sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
         step_s=dt, tok_per_sec=tok_per_sec,
         mfu_pct=100 * flops_per_token * tok_per_sec / (peak * world) if peak else None,

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -398,6 +399,7 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         shift_labels = kwargs.pop("shift_labels", None)  # targets already aligned with positions (pretraining)
+        loss_chunk_size = kwargs.pop("loss_chunk_size", 0)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -408,14 +410,39 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        if shift_labels is None and labels is not None:
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        if loss_chunk_size and shift_labels is not None:
+            # Training without logits: the head + softcap + cross-entropy run chunk by chunk and are recomputed in
+            # the backward pass, so the (tokens x vocab) fp32 logits never exist all at once (17 GB per copy at
+            # d20, batch 32 x 2048). Same loss and gradients as below, to float rounding.
+            loss = self.chunked_loss(hidden_states, shift_labels, loss_chunk_size, kwargs.get("num_items_in_batch"))
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.compute_logits(hidden_states[:, keep, :])
         loss = None
-        if labels is not None or shift_labels is not None:
-            if shift_labels is not None:
-                shift_labels = shift_labels.contiguous()  # the loss flattens it with .view
-            loss = self.loss_function(logits, labels, self.config.vocab_size, shift_labels=shift_labels, **kwargs)
+        if shift_labels is not None:
+            loss = self.loss_function(
+                logits, None, self.config.vocab_size, shift_labels=shift_labels.contiguous(), **kwargs
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+
+    def chunked_loss(self, hidden_states, shift_labels, chunk_size: int, num_items_in_batch=None) -> torch.Tensor:
+        """Mean cross-entropy over targets != -100, computing logits `chunk_size` tokens at a time under activation
+        checkpointing (the ecosystem's fused losses, e.g. TRL's, assume no softcap-in-fp32 + padded-vocab head)."""
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        targets = shift_labels.reshape(-1)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            total = total + torch.utils.checkpoint.checkpoint(
+                self._loss_sum, hidden[start : start + chunk_size], targets[start : start + chunk_size],
+                use_reentrant=False,
+            )
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum().clamp(min=1)
+        return total / count
+
+    def _loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.compute_logits(hidden), targets, ignore_index=-100, reduction="sum")
 
     # ------------------------------------------------------------------------------------------------------------
     # nanochat helpers: meta-device construction, FLOPs, optimizer groups

@@ -6,7 +6,7 @@ Notable:
   what Accelerate's `prepare`, a TRL/transformers `Trainer` (`optimizer_cls_and_kwargs=(MuonAdamWFactory, kw)`),
   LambdaLR (per-group `initial_lr`) and `state_dict()` expect.
 - Muon (the seed's recipe by default): Nesterov momentum, then Newton–Schulz quintic (3.4445, -4.7750, 2.0315), 5 steps,
-  in bf16, on the transposed matrix when rows > cols; update `p -= lr * max(1, rows/cols)**0.5 * O`. One group per
+  in bf16 on GPU (fp32 on CPU), on the transposed matrix when rows > cols; update `p -= lr * max(1, rows/cols)**0.5 * O`. One group per
   distinct shape, so the orthogonalisation of all same-shape matrices runs as one batched matmul chain.
   `ns_method="polar_express"` swaps in nanochat 2026's Polar Express coefficients (arXiv 2505.16932).
 - AdamW is torch's own functional AdamW (fused kernel on CUDA), so its numbers equal `torch.optim.AdamW`.
@@ -49,10 +49,17 @@ POLAR_EXPRESS_COEFFS = (
 )
 
 
+def _ns_dtype(G: torch.Tensor) -> torch.dtype:
+    # bf16 on GPUs (the seed's recipe: tensor cores, and Muon tolerates the noise). Elsewhere fp32, as nanochat 2026
+    # does when its compute dtype is fp32 (CPU/MPS): CPU bf16 matmuls are slower than fp32 and their rounding would
+    # turn last-bit gradient differences (e.g. 1 vs 2 processes summing in another order) into visible ones.
+    return torch.bfloat16 if G.is_cuda else torch.float32
+
+
 def newton_schulz(G: torch.Tensor, steps: int) -> torch.Tensor:
-    """The seed's `zeropower_via_newtonschulz5`, exactly: batched over leading dims, bf16, returns bf16."""
+    """The seed's `zeropower_via_newtonschulz5`: batched over leading dims, bf16 on GPU (fp32 on CPU)."""
     a, b, c = NEWTON_SCHULZ_COEFFS
-    X = G.bfloat16()
+    X = G.to(_ns_dtype(G))
     if G.size(-2) > G.size(-1):  # iterate on the wide orientation: X Xᵀ is then the smaller Gram matrix
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius norm bounds the spectral norm: all σ ≤ 1
@@ -66,8 +73,8 @@ def newton_schulz(G: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def polar_express(G: torch.Tensor, steps: int) -> torch.Tensor:
-    """nanochat 2026's Polar Express orthogonalisation: batched, bf16, returns bf16."""
-    X = G.bfloat16()
+    """nanochat 2026's Polar Express orthogonalisation: batched, bf16 on GPU (fp32 on CPU)."""
+    X = G.to(_ns_dtype(G))
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)  # 1.01 safety margin: bf16 norm may undershoot
     if G.size(-2) > G.size(-1):  # tall: the Gram matrix XᵀX is the smaller one
         for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
@@ -97,7 +104,7 @@ def _compiled_orthogonalizer(method: str):
 
 
 def orthogonalize(G: torch.Tensor, method: str = "newton_schulz", steps: int = 5) -> torch.Tensor:
-    """Approximate U Vᵀ of every matrix in `G` (shape (..., rows, cols)), in bf16. torch.compile-d on CUDA only: on CPU
+    """Approximate U Vᵀ of every matrix in `G` (shape (..., rows, cols)). torch.compile-d on CUDA only: on CPU
     the compile time would dwarf the work (tests, tiny models)."""
     fn = _compiled_orthogonalizer(method) if G.is_cuda else ORTHOGONALIZERS[method]
     return fn(G, steps)

@@ -287,3 +287,20 @@ def test_static_cache_generation_with_fullgraph_compile():
     expected = greedy(model, ids, 8)
     model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
     assert torch.equal(greedy(model, ids, 8, cache_implementation="static"), expected)
+
+
+def test_chunked_loss_equals_full_loss_and_grads():
+    model = random_model(tiny_config()).train()
+    ids = torch.randint(0, 95, (3, 20))
+    labels = ids.clone()
+    labels[1, :7] = -100
+    full = model(input_ids=ids, labels=labels)
+    full.loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    chunked = model(input_ids=ids, labels=labels, loss_chunk_size=16)  # 60 tokens: chunks of 16, 16, 16, 12
+    assert chunked.logits is None
+    torch.testing.assert_close(chunked.loss, full.loss, atol=1e-6, rtol=1e-6)
+    chunked.loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-6, rtol=1e-5, msg=n)

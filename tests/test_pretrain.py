@@ -223,12 +223,12 @@ def test_two_processes_match_one(data, tmp_path):
     # at step 0 (same held-out rows, sums all-reduced) agree to float rounding ...
     assert abs(one[0]["loss"] - two[0]["loss"]) <= 1e-5
     assert abs(one[0]["val_bpb"] - two[0]["val_bpb"]) <= 1e-6
-    # ... and so does the trajectory, to the float noise that gradient sums in another order (all-reduce vs.
-    # accumulation) leave; Adam and bf16 Muon amplify it to ~1e-4 in the loss within a few steps, exactly as swapping
-    # micro-steps on one process does. Two processes that read other data, or that stepped per micro-batch (the
-    # grad-accumulation bug this guards against), are off by >1e-2.
-    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) <= 1e-3
-    assert abs(one[-1]["val_bpb"] - two[-1]["val_bpb"]) <= 1e-3
+    # ... and so does the whole trajectory (the bar: 1e-5). Gradient sums run in another order (all-reduce vs.
+    # accumulation); on CPU Muon orthogonalises in fp32, so that last-bit noise stays at float rounding. Two
+    # processes that read other data, or that stepped per micro-batch (the grad-accumulation bug this guards
+    # against), are off by >1e-2.
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) <= 1e-5
+    assert abs(one[-1]["val_bpb"] - two[-1]["val_bpb"]) <= 1e-5
 
     # The two-process checkpoint of step 3 resumes on one process (grad accumulation 4 instead of 2) and goes on
     # like the two-process run. Accelerate's restored micro-step counter (3 steps x 2) would put the first
@@ -236,7 +236,7 @@ def test_two_processes_match_one(data, tmp_path):
     pretrain.main([*flags, "--out", str(tmp_path / "moved"), "--resume", str(tmp_path / "two/checkpoints/step_000003")])
     moved = metrics(tmp_path / "moved")
     assert [r["step"] for r in moved] == list(range(4, 9))
-    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(two[3:], moved)) <= 1e-3
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(two[3:], moved)) <= 1e-5
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -94,6 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="linear decay over the last fraction of steps")
     p.add_argument("--final-lr-frac", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
+    p.add_argument("--loss-chunk-size", type=int, default=0,
+                   help="compute head + loss this many tokens at a time (saves the fp32 logits' memory); 0: off")
     # data
     p.add_argument("--data", default=DEFAULT_DATA, help="Hub dataset id or local txt/jsonl/parquet path")
     p.add_argument("--data-name", default=None, help="config name of a Hub dataset (FineWeb-EDU: sample-10BT)")
@@ -386,7 +388,8 @@ def main(argv=None):
         for micro in range(grad_accum):
             x, y = next(train_loaders[micro % len(streams)])
             with accelerator.accumulate(model), accelerator.autocast():
-                loss = model(input_ids=x, shift_labels=y, use_cache=False).loss  # the loader already shifted y
+                # the loader already shifted y
+                loss = model(input_ids=x, shift_labels=y, use_cache=False, loss_chunk_size=args.loss_chunk_size).loss
                 step_loss += loss.detach() / grad_accum
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.grad_clip > 0:
