@@ -29,7 +29,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.adamw import adamw as _functional_adamw
 
 # -----------------------------------------------------------------------------
@@ -179,9 +179,6 @@ class MuonAdamW(torch.optim.Optimizer):
         shapes = {tuple(p.shape) for p in group["params"]}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ValueError(f"a Muon group must hold 2-D parameters of a single shape, got shapes {sorted(shapes)}")
-        if any(isinstance(p, DTensor) for p in group["params"]):
-            # FSDP shards a matrix across ranks; Newton–Schulz on a shard is not the orthogonalised full matrix.
-            raise ValueError("Muon needs whole matrices: sharded (FSDP/DTensor) parameters are not supported")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -200,25 +197,36 @@ class MuonAdamW(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        grads = [p.grad for p in params]
         bufs = []
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             bufs.append(state["momentum_buffer"])
+        # FSDP2 hands us DTensor shards: momentum and the update are elementwise, so they run on the local shards;
+        # only the orthogonalisation needs whole matrices (Newton–Schulz of a shard is not a shard of Newton–Schulz).
+        sharded = isinstance(params[0], DTensor)
+        local = (lambda ts: [t.to_local() for t in ts]) if sharded else (lambda ts: ts)
+        grads, bufs_local, params_local = local([p.grad for p in params]), local(bufs), local(params)
         # Momentum is elementwise and cheap, so every rank keeps all buffers (replicated state, complete checkpoints).
         momentum = group["momentum"]
-        torch._foreach_lerp_(bufs, grads, 1 - momentum)
-        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-        ortho = self._orthogonalize_shared(torch.stack(updates), group["ns_method"], group["ns_steps"])
+        torch._foreach_lerp_(bufs_local, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, bufs_local, momentum) if group["nesterov"] else bufs_local
+        if sharded:
+            updates = [DTensor.from_local(u, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+                       for u, p in zip(updates, params)]
+        ortho = list(self._orthogonalize_shared(torch.stack(updates), group["ns_method"], group["ns_steps"]).unbind(0))
+        if sharded:  # back to this rank's rows: Replicate -> Shard is a local slice, no communication
+            ortho = [DTensor.from_local(o, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+                     .redistribute(p.device_mesh, p.placements).to_local() for o, p in zip(ortho, params)]
         lr, wd = group["lr"], group["weight_decay"]
         rows, cols = params[0].shape
         if wd != 0:
-            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_mul_(params_local, 1 - lr * wd)
         # max(1, rows/cols)**0.5: O has entry RMS 1/√rows when tall (c_fc, 4d × d), 1/√cols when wide; this gives both
         # 1/√cols (= 1/√fan_in), so c_fc moves at 2x the nominal lr.
-        torch._foreach_add_(params, list(ortho.to(params[0].dtype).unbind(0)), alpha=-lr * max(1, rows / cols) ** 0.5)
+        dtype = params_local[0].dtype
+        torch._foreach_add_(params_local, [o.to(dtype) for o in ortho], alpha=-lr * max(1, rows / cols) ** 0.5)
 
     @staticmethod
     def _orthogonalize_shared(stacked: torch.Tensor, method: str, steps: int) -> torch.Tensor:

@@ -348,6 +348,39 @@ def test_distributed_matches_single_process(tmp_path):
         assert torch.equal(out["shared"], expected_shared)
 
 
+def _fsdp_worker(rank, init_file, out_dir):
+    """The same problem with every parameter sharded by FSDP2 (DTensor, rows split over the 2 ranks)."""
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    holder = nn.Module()
+    holder.params = nn.ParameterList(p for p in _dist_problem()[0])
+    fully_shard(holder)
+    params = list(holder.params)
+    by_shape = {}
+    for p in params[:-1]:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    opt = MuonAdamW([dict(kind="muon", params=ps, lr=0.02) for ps in by_shape.values()]
+                    + [dict(kind="adamw", params=params[-1:], lr=0.01)])
+    _, grads, _ = _dist_problem()
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = torch.distributed.tensor.distribute_tensor(g.clone(), p.device_mesh, p.placements)
+        opt.step()
+    torch.save([p.full_tensor().detach() for p in params], f"{out_dir}/fsdp{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_muon_matches_single_process(tmp_path):
+    """Under FSDP2 Muon must orthogonalise whole matrices, not each rank's shard."""
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    single_params, _ = _run_problem()
+    for rank in range(2):
+        for a, b in zip(torch.load(tmp_path / f"fsdp{rank}.pt"), single_params):
+            assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
 # -----------------------------------------------------------------------------
 # transformers Trainer hook
 

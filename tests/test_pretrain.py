@@ -209,7 +209,7 @@ def test_two_processes_match_one(data, tmp_path):
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 process(es), grad accumulation 2" in result.stdout
+    assert "2 process(es) (MULTI_CPU), grad accumulation 2" in result.stdout
     pretrain.main([*flags, "--out", str(tmp_path / "one")])
 
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")

@@ -2,6 +2,10 @@
 
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml train/pretrain.py --preset d20   # the $100 run
     accelerate launch train/pretrain.py --preset tiny --data ../shared/data/text/tinyshakespeare.txt   # CPU, minutes
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train/pretrain.py --preset tiny --data ...      # 2 CPU procs
+
+(`accelerate launch --cpu --num_processes 2` starts one process unless MPI is set up: accelerate hands multi-CPU
+runs to mpirun, so torchrun is the way to test the distributed path on a laptop.)
 
 Notable:
 - One dial, `--depth`; the horizon follows a tokens:params ratio (20, Chinchilla, the seed) unless `--num-iterations`
@@ -33,7 +37,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -262,12 +267,21 @@ def main(argv=None):
     raw_model = accelerator.unwrap_model(model)
 
     # The model is checkpointed as a from_pretrained-able HF folder, not as accelerate's bare state dict.
+    # The model is checkpointed as a from_pretrained-able HF folder. Under DDP that folder *is* the model state, so
+    # accelerate's own copy is skipped; under FSDP accelerate keeps its sharded-model files (it knows how to load
+    # them into shards) and the HF folder is written beside them from the gathered full state dict.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+
     def save_model_hook(models, weights, output_dir):
+        state_dict = accelerator.get_state_dict(model)  # a collective under FSDP: every rank takes part
         if accelerator.is_main_process:
-            raw_model.save_pretrained(Path(output_dir) / "model")
-        weights.clear()
+            raw_model.save_pretrained(Path(output_dir) / "model", state_dict=state_dict)
+        if not fsdp:
+            weights.clear()
 
     def load_model_hook(models, input_dir):
+        if fsdp:
+            return
         loaded = HFNanoChatForCausalLM.from_pretrained(Path(input_dir) / "model", dtype=torch.float32)
         raw_model.load_state_dict(loaded.state_dict())
         models.clear()
@@ -291,7 +305,8 @@ def main(argv=None):
     peak = peak_flops(device)
     accelerator.print(
         f"model: depth {args.depth}, width {config.hidden_size}, {n_params:,} parameters, "
-        f"{flops_per_token:.3e} FLOPs/token | {world} process(es), grad accumulation {grad_accum}, "
+        f"{flops_per_token:.3e} FLOPs/token | {world} process(es) ({accelerator.distributed_type.value}), "
+        f"grad accumulation {grad_accum}, "
         f"{steps} steps x {args.total_batch_size:,} tokens = {steps * args.total_batch_size:,} tokens"
     )
     accelerator.init_trackers("hfnanochat-pretrain", config={k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))})
@@ -304,12 +319,17 @@ def main(argv=None):
     def evaluate() -> float:
         model.eval()
         eval_steps = max(1, args.eval_tokens // (tokens_per_micro * args.data_streams))
-        batches = []
-        for s in streams:  # a fresh validation loader every time, so every evaluation sees the same tokens
-            batches += list(itertools.islice(make_loader("val", s, args.data_streams), eval_steps))
-        if not batches:
+        # A fresh validation loader every time, so every evaluation sees the same tokens. Every stream contributes
+        # the same number of batches (the smallest any stream has), so the evaluation set does not depend on how
+        # streams are spread over processes, and every rank runs the same number of forwards (FSDP needs that).
+        per_stream = [list(itertools.islice(make_loader("val", s, args.data_streams), eval_steps)) for s in streams]
+        n = torch.tensor(min(len(b) for b in per_stream), device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        if n.item() == 0:
             raise ValueError(f"the validation split of {args.data} is too small for one batch of "
                              f"{args.device_batch_size} x {args.max_seq_len} tokens")
+        batches = [batch for stream_batches in per_stream for batch in stream_batches[: n.item()]]
         with torch.no_grad(), accelerator.autocast():
             bpb = evaluate_bpb(raw_model, batches, token_bytes)
         model.train()
@@ -333,9 +353,15 @@ def main(argv=None):
         accelerator.end_training()
         sys.exit(1)
 
+    def weights_are_finite() -> bool:
+        # Each rank checks what it holds (all weights under DDP, its shards under FSDP); the verdict is shared so
+        # that every rank saves, or stops, together.
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in raw_model.parameters()]
+        finite = torch.tensor(float(all(torch.isfinite(p).all() for p in local)), device=device)
+        return accelerator.reduce(finite, reduction="sum").item() == world
+
     def save_checkpoint():
-        # Under DDP every rank holds the same weights, so every rank reaches the same verdict.
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+        if not weights_are_finite():
             stop(f"step {step}: the weights are not finite (the last update overflowed), so they are not saved")
         final = out / "checkpoints" / f"step_{step:06d}"
         tmp = out / "checkpoints" / f".tmp_step_{step:06d}"
@@ -373,7 +399,9 @@ def main(argv=None):
             val_bpb = evaluate()
             accelerator.print(f"step {step:05d} | validation bpb {val_bpb:.4f}")
             accelerator.log({"val/bpb": val_bpb}, step=step)
-        if accelerator.is_main_process and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+        # samples come from the main process; under FSDP every rank must join the sharded forwards (same greedy
+        # tokens everywhere, so the same number of them)
+        if (accelerator.is_main_process or fsdp) and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
             sample()
         if step > 0 and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
             if not (resume_state and step == resume_state["step"]):
@@ -422,9 +450,10 @@ def main(argv=None):
 
     # -- final HF folder: weights, config, tokenizer + chat template, generation defaults ----------------------------
     final_dir = out / "final"
+    state_dict = accelerator.get_state_dict(model)  # gathers the shards under FSDP (every rank takes part)
     if accelerator.is_main_process:
         raw_model.config.use_cache = True
-        raw_model.save_pretrained(final_dir)
+        raw_model.save_pretrained(final_dir, state_dict=state_dict)
         tokenizer.save_pretrained(final_dir)
         shutil.copy2(Path(args.tokenizer) / "token_bytes.pt", final_dir / "token_bytes.pt") if (Path(args.tokenizer) / "token_bytes.pt").exists() else None
         set_generation_defaults(raw_model, tokenizer, final_dir)
