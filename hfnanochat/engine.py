@@ -19,14 +19,14 @@ Notable:
 - Every completion comes with a mask: 1 = sampled by the model, 0 = forced by the tool. RL's loss must skip the 0s.
 - Two decode paths over the same loop: `DynamicCache` (CPU, any device) and, by default on CUDA, `StaticCache` with
   the model's `torch.compile`d forward (`get_compiled_call`, as `generate(cache_implementation="static")` uses):
-  fixed shapes, so one graph serves every step and decode stops being bound by Python and kernel launches (the
-  seed's Engine ran at ~2% of the H100's bandwidth bound at batch 1, performance-reliability.md B2).
+  fixed shapes, so one graph (replayed as a CUDA graph) serves every step. The target is launch overhead: the seed's
+  eager Engine ran at ~2% of the H100's bandwidth bound at batch 1 (performance-reliability.md B2).
 
 Why forced tokens go one per step rather than in one multi-token forward: rows of a batch advance together, so a
 multi-token step for one row would leave holes in every other row's cache (masked slots), which grows a static cache
 by an amount nobody can bound up front and shrinks sliding windows, which count slots, not tokens. One token per
-row per step keeps every row's cache contiguous and the static cache exactly `prompt + max_new_tokens` long; a
-calculator result costs 2-4 extra decode steps.
+row per step keeps every row's cache contiguous and the static cache no longer than `prompt + max_new_tokens`
+(rounded up to a bucket); a calculator result costs 2-4 extra decode steps.
 """
 
 import inspect
@@ -127,7 +127,9 @@ class Engine:
         if cache_implementation not in ("dynamic", "static"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
         if self.compile and cache_implementation != "static":
-            raise ValueError("compile=True needs cache_implementation='static': a dynamic cache changes shape every step")
+            raise ValueError(
+                "compile=True needs cache_implementation='static': a dynamic cache changes shape every step"
+            )
         self.static = cache_implementation == "static"
         # transformers renamed `past_key_values` to `cache` during 5.x; models accept one or both
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -215,7 +217,6 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(
         self,
         prompts: Sequence[int] | Sequence[Sequence[int]],
@@ -231,8 +232,13 @@ class Engine:
         Yields once per step `(tokens, mask)`, two lists with one entry per row: row `p * num_samples + s` is sample
         `s` of prompt `p`. A row's entry is its new token and 1 (sampled) or 0 (forced), or None/None once the row
         has stopped. A row stops after sampling a stop token (which it yields) or after `max_new_tokens` tokens.
+        Bad arguments raise ValueError here, before anything runs.
         """
         batch = self._validate(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed)
+        return self._generate(batch, num_samples, max_new_tokens, temperature, top_k, top_p, seed)
+
+    @torch.no_grad()
+    def _generate(self, batch, num_samples, max_new_tokens, temperature, top_k, top_p, seed):
         model, device = self.model, self.device
         n_rows = len(batch) * num_samples
 

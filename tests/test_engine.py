@@ -1,6 +1,12 @@
 """The engine: equal to `generate` when greedy, batching and fan-out, seeded sampling, the tool state machine."""
 
+import json
+import os
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,9 +100,9 @@ def reference_greedy(model, tokenizer, prompt, n):
     """`model.generate`'s greedy tokens, stop token included, padding after it dropped."""
     sp = get_special_token_ids(tokenizer)
     stops = [sp["assistant_end"], sp["bos"]]
-    out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=stops, pad_token_id=sp["bos"]
-    )[0, len(prompt) :].tolist()
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=stops, pad_token_id=sp["bos"])
+    out = out[0, len(prompt) :].tolist()
     for i, t in enumerate(out):
         if t in stops:
             return out[: i + 1]
@@ -145,7 +151,7 @@ def test_any_transformers_causal_lm(tokenizer):
 
 
 def test_streaming_rows_and_batch_equal_one_by_one(tokenizer):
-    """Streaming yields one entry per row per step, None after a row stopped; generate_batch collects exactly that."""
+    """Streaming yields one entry per row per step; each row equals generate_batch's and its prompt run alone."""
     model = random_model(tiny_config())
     engine = Engine(model, tokenizer)
     prompts = syllable_prompts(tokenizer, (5, 2))
@@ -238,9 +244,7 @@ def test_max_new_tokens_cuts_a_forced_output(tokenizer):
     call, after_output, no_output = tool_script(tokenizer, "12*7")
     model = scripted_model(tokenizer, call, after_output, no_output)
     n = len(call)  # the call (len(call) - 1 tokens) and then only <|output_start|>
-    (sample,) = Engine(model, tokenizer).generate_batch(
-        chat_prompt(tokenizer, "hi"), max_new_tokens=n, temperature=0.0
-    )
+    (sample,) = Engine(model, tokenizer).generate_batch(chat_prompt(tokenizer, "hi"), max_new_tokens=n, temperature=0.0)
     assert sample.tokens == [*call[1:], get_special_token_ids(tokenizer)["output_start"]]
     assert sample.mask == [1] * (n - 1) + [0] and sample.finish_reason == "length"
 
@@ -265,3 +269,50 @@ def test_bad_arguments_raise_clear_errors(tokenizer):
         Engine(engine.model, tokenizer, cache_implementation="dynamic", compile=True)
     with pytest.raises(ValueError, match="cache_implementation"):
         Engine(engine.model, tokenizer, cache_implementation="paged")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile (inductor) on CPU needs a C++ compiler")
+def test_compiled_static_decode_equals_generate_on_cpu(tokenizer):
+    """The decode path CUDA uses by default (static cache + the model's compiled forward), minus the CUDA graphs."""
+    model = random_model(tiny_config())
+    engine = Engine(model, tokenizer, cache_implementation="static", compile=True)
+    prompts = syllable_prompts(tokenizer, (3, 11, 6))
+    try:
+        for _ in range(2):  # the second call reuses the compiled graph with a new StaticCache
+            results = engine.generate_batch(prompts, num_samples=2, max_new_tokens=12, temperature=0.0)
+            for prompt, samples in zip(prompts, results):
+                assert all(s.tokens == reference_greedy(model, tokenizer, prompt, 12) for s in samples)
+    finally:
+        torch._dynamo.reset()  # leave no compiled graphs behind for other tests
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled static-cache decode path is CUDA's default")
+def test_cuda_default_is_compiled_static_decode_and_equals_generate(tokenizer):
+    model = random_model(tiny_config(**ALL_2026)).cuda()
+    engine = Engine(model, tokenizer)
+    assert engine.static and engine.compile
+    prompts = syllable_prompts(tokenizer, (3, 11, 6))
+    for _ in range(2):  # the second call reuses the compiled graphs with a new StaticCache
+        results = engine.generate_batch(prompts, num_samples=2, max_new_tokens=12, temperature=0.0)
+        for prompt, samples in zip(prompts, results):
+            assert all(s.tokens == reference_greedy(model, tokenizer, prompt, 12) for s in samples)
+    sp = get_special_token_ids(tokenizer)
+    call, after_output, no_output = tool_script(tokenizer, "12*7")
+    engine = Engine(scripted_model(tokenizer, call, after_output, no_output).cuda(), tokenizer)
+    (sample,) = engine.generate_batch(chat_prompt(tokenizer, "hi"), max_new_tokens=30, temperature=0.0)
+    forced = [sp["output_start"], *encode(tokenizer, "84"), sp["output_end"]]
+    assert sample.tokens == [*call[1:], *forced, *after_output[1:]]
+
+
+def test_decode_benchmark_runs_on_cpu_with_tiny_flags():
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "bench" / "decode.py"), "--depth", "2", "--prompt-len", "16", "--new-tokens", "8"]
+    r = subprocess.run([*cmd, "--device", "cpu", "--repeats", "1"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(repo)})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(row["impl"], row["cache"], row["batch"]) for row in rows] == [
+        (impl, cache, b) for b in (1, 32) for impl in ("engine", "generate") for cache in ("dynamic", "static")
+    ]
+    assert all(row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 for row in rows)

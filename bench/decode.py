@@ -1,0 +1,125 @@
+"""Prefill and decode throughput: our Engine against transformers' `generate`, on random weights.
+
+    python bench/decode.py                                                    # d20, bf16, prompt 512, 256 new tokens
+    python bench/decode.py --depth 2 --prompt-len 16 --new-tokens 8 --device cpu   # smoke run (the test runs this)
+
+Four configurations per batch size (default 1 and 32), one JSON line each:
+- engine / dynamic: `Engine(cache_implementation="dynamic")`, eager;
+- engine / static: `StaticCache` + the model's compiled forward (compiled on CUDA only, like `generate`);
+- generate / dynamic: `model.generate(do_sample=False)`;
+- generate / static: `model.generate(cache_implementation="static")`, which transformers compiles on CUDA.
+
+Timing: greedy, no stop tokens, so every row makes exactly --new-tokens tokens. A run of 1 new token is the prefill
+(forward over the prompt, first sample), a run of N new tokens is prefill + N-1 decode steps; so prefill tok/s =
+batch * prompt / t(1) and decode tok/s = batch * (N-1) / (t(N) - t(1)), the same definition for both implementations
+and no per-step host sync added to `generate` (a streamer would add one). Each figure is the median of --repeats runs
+after one warm-up run of each length (compilation happens there; dynamo is reset between configurations so each
+compiles its own graphs). Weights are nanochat's init, cast to --dtype; the prompts are random token ids.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from hfnanochat import HFNanoChatForCausalLM, config_for_depth
+from hfnanochat.engine import Engine
+
+CONFIGS = [("engine", "dynamic"), ("engine", "static"), ("generate", "dynamic"), ("generate", "static")]
+
+
+def make_runner(model, impl: str, cache: str, prompts: torch.Tensor, compile: bool):
+    """A function n -> None that generates n greedy tokens for every prompt row."""
+    if impl == "engine":
+        engine = Engine(model, cache_implementation=cache, compile=compile)  # no tokenizer: no stop tokens, no tool
+        rows = prompts.tolist()
+
+        def run(n):
+            for _ in engine.generate(rows, max_new_tokens=n, temperature=0.0):
+                pass
+
+        return run
+    ids = prompts.to(model.device)
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+
+    def run(n):
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None,
+            pad_token_id=0, **extra,
+        )  # fmt: skip
+
+    return run
+
+
+def timed(run, n: int, repeats: int, sync) -> float:
+    """Median wall time of `repeats` runs of n new tokens: robust to a stray slow run."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        run(n)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--vocab-size", type=int, default=65536)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--configs", default=",".join(f"{i}/{c}" for i, c in CONFIGS), help="subset, e.g. engine/static")
+    p.add_argument("--jsonl", default=None, help="also append the JSON lines to this file")
+    args = p.parse_args()
+    if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1:
+        p.error("--new-tokens must be >= 2 (a decode step to time), --prompt-len and --repeats >= 1")
+    configs = [tuple(c.split("/")) for c in args.configs.split(",")]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown --configs {unknown}; choose among {[f'{i}/{c}' for i, c in CONFIGS]}")
+
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    config = config_for_depth(args.depth, vocab_size=args.vocab_size, max_seq_len=args.prompt_len + args.new_tokens)
+    model = HFNanoChatForCausalLM.from_config_on_device(config, device)
+    model = model.to(dtype=getattr(torch, args.dtype)).eval()
+    on_cuda = device.type == "cuda"
+
+    def sync():
+        if on_cuda:
+            torch.cuda.synchronize(device)
+
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        g = torch.Generator().manual_seed(batch_size)
+        prompts = torch.randint(0, args.vocab_size, (batch_size, args.prompt_len), generator=g)
+        for impl, cache in configs:
+            torch._dynamo.reset()
+            run = make_runner(model, impl, cache, prompts, compile=on_cuda and cache == "static")
+            run(1), run(args.new_tokens)  # warm-up, compilation
+            if on_cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            t_prefill, t_total = timed(run, 1, args.repeats, sync), timed(run, args.new_tokens, args.repeats, sync)
+            result = dict(
+                impl=impl, cache=cache, compiled=on_cuda and cache == "static", batch=batch_size,
+                depth=args.depth, dtype=args.dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                prefill_tok_s=batch_size * args.prompt_len / t_prefill,
+                decode_tok_s=batch_size * (args.new_tokens - 1) / max(t_total - t_prefill, 1e-9),
+                total_s=t_total,
+                peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None,
+                device=torch.cuda.get_device_name(device) if on_cuda else "cpu",
+                torch=torch.__version__,
+            )  # fmt: skip
+            print(json.dumps(result), flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

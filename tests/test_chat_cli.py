@@ -1,0 +1,118 @@
+"""`python -m hfnanochat.chat` in a subprocess, on a tiny saved model whose greedy reply is a scripted tool call."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hfnanochat.tokenizer import save_tokenizer, train_tokenizer
+
+from test_engine import scripted_model, syllable_text, tool_script
+
+REPO = Path(__file__).resolve().parents[1]
+REPLY = "[python] 12*7 -> 84\n done\n"  # what the scripted model answers to any message
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A folder like a real checkpoint: weights + config + remote code + tokenizer. The model answers every message
+    with the python call 12*7 and, after the forced output, " done" (max_position_embeddings 128)."""
+    out = tmp_path_factory.mktemp("chat_model")
+    tokenizer = train_tokenizer(syllable_text(), vocab_size=512)
+    scripted_model(tokenizer, *tool_script(tokenizer, "12*7")).save_pretrained(out)
+    save_tokenizer(tokenizer, out)
+    return out
+
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+# 20 new tokens: the 128-token context must leave room for the prompt (a later --max-new-tokens overrides it)
+CLI = [sys.executable, "-m", "hfnanochat.chat", "--device", "cpu", "--max-new-tokens", "20"]
+
+
+def chat(*args, stdin=b""):
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, env=ENV, timeout=120)
+
+
+def test_one_shot_streams_the_reply_and_shows_the_tool_call(model_dir):
+    r = chat("--model", str(model_dir), "-p", "what is 12 times 7", "--temperature", "0")
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode() == REPLY
+    assert b"Traceback" not in r.stderr and b"[notice]" not in r.stderr
+
+
+def test_over_long_prompt_is_cut_from_the_left_with_a_notice(model_dir):
+    long_prompt = " ".join(syllable_text(n_docs=10))  # ~2,000 tokens against a 128-token context
+    r = chat("--model", str(model_dir), "-p", long_prompt, "--temperature", "0")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "[notice] the conversation is" in r.stderr.decode() and "the model sees 108" in r.stderr.decode()
+    assert r.stdout.decode() == REPLY  # the reply still comes: the prompt's end (<|assistant_start|>) was kept
+
+
+def test_interactive_two_turns_empty_and_non_utf8_lines_then_eof(model_dir):
+    stdin = b"\n   \n" + b"caf\xe9 latin-1\n" + b"what is 12 times 7\n" + b"and again?\n"
+    r = chat("--model", str(model_dir), "--temperature", "0", stdin=stdin)
+    assert r.returncode == 0, r.stderr.decode()
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert out.count("Assistant: " + REPLY) == 2  # two turns, each streamed
+    assert out.count("User: ") == 6  # 2 empty + 1 undecodable re-prompt, 2 turns, and the prompt that met EOF
+    assert err.count("[error] empty message") == 2
+    assert "[error] that line is not valid UTF-8 (invalid continuation byte: b'\\xe9'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["-p", "  "], "-p/--prompt is empty"), (["--no-such-flag"], "unrecognized arguments: --no-such-flag")],
+    ids=["empty-prompt", "unknown-flag"],
+)
+def test_empty_prompt_and_invalid_flag_exit_with_argparse_errors(model_dir, args, message):
+    r = chat("--model", str(model_dir), *args)
+    assert r.returncode == 2 and message in r.stderr.decode(), r.stderr.decode()
+    assert b"Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--temperature", "warm"], "invalid float value 'warm'"),
+        (["--top-k", "-3"], "top-k must be >= 0"),
+        (["--top-p", "1.5"], "top-p must be in (0, 1]"),
+        (["--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
+        (["-p", "caf\udce9"], "-p/--prompt is not valid UTF-8"),  # how Python hands over a non-UTF-8 argv byte
+        (["--device", "gpu7"], "--device"),
+    ],
+)
+def test_flag_values_are_checked(capsys, args, message):
+    """The same parser in-process (a subprocess per flag would cost seconds of imports each)."""
+    from hfnanochat.chat import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--model", "unused", *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    from hfnanochat.chat import main
+
+    assert main(["--model", str(tmp_path / "no_such_model"), "-p", "hi", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "[error] could not load the model or tokenizer from" in err and "no_such_model" in err
+
+
+def test_ctrl_c_exits_without_a_traceback(model_dir):
+    pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*CLI, "--model", str(model_dir)], env=ENV, **pipes)
+    try:
+        banner = proc.stdout.readline()  # printed once the model is loaded and the chat waits for input
+        assert banner.startswith(b"Chat with the model")
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
