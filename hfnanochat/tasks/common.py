@@ -10,8 +10,9 @@ Notable:
   be empty, every python call needs its output right after it (and no output comes without a call), and no text may
   spell a special token ("<|user_end|>"), which `apply_chat_template` would read as the token itself while nanochat's
   renderer keeps it as text. Every conversation that passes renders to exactly `render_conversation`'s ids and mask.
-- Bad rows of a big public source are skipped and counted in the log (`strict=False`); a user's own file raises a
-  ValueError naming the first bad row (`strict=True`). Missing columns always raise.
+- Bad rows of a big public source are skipped and counted in the log (`conversations`); a user's own file raises a
+  ValueError naming the first bad row (`from_conversations`, `drop_long(strict=True)`). Missing columns always
+  raise.
 - Sources: a Hub dataset id (default) or a local file/folder (a Hub snapshot, or `train.jsonl`/`test.jsonl`), always
   through `datasets`. Tasks shuffle with seed 42 before `stop`, as nanochat's task containers do, so "the first 10K
   SmolTalk rows" are the same rows nanochat takes.
@@ -132,7 +133,10 @@ def load_split(source: str, split: str, name: str | None = None) -> datasets.Dat
     elif path.suffix in LOCAL_KINDS or source.startswith(("/", ".", "~")):
         raise ValueError(f"data path {source!r} does not exist")
     else:
-        return datasets.load_dataset(source, name, split=split)
+        try:
+            return datasets.load_dataset(source, name, split=split)
+        except ConnectionError as e:  # offline, or the Hub is down
+            raise ValueError(f"{e}. Point the task at a local copy instead (train/*.py: --source TASK=PATH)") from e
     kinds = {LOCAL_KINDS.get(Path(f).suffix) for f in files}
     if None in kinds or len(kinds) > 1:
         raise ValueError(f"{source}: expected files of one kind among {', '.join(LOCAL_KINDS)}, got {files}")
@@ -165,10 +169,11 @@ def _report(problems: list, name: str, total: int, strict: bool) -> None:
                    + "; ".join(f"{n:,}x {p}" for p, n in reasons))
 
 
-def conversations(rows: datasets.Dataset, convert: Callable[[dict], object], name: str, *, strict: bool = False,
+def conversations(rows: datasets.Dataset, convert: Callable[[dict], object], name: str, *,
                   num_proc: int | None = None) -> datasets.Dataset:
     """Map source rows through `convert` (row -> a conversation in any accepted form) and `to_messages`; a row whose
-    conversion raises ValueError is bad. Returns a Dataset with one `messages` column in the canonical format."""
+    conversion raises ValueError is skipped and counted in the log. Returns a Dataset with one `messages` column in
+    the canonical format."""
 
     def check(batch):
         out = {"messages": [], "problem": []}
@@ -183,12 +188,12 @@ def conversations(rows: datasets.Dataset, convert: Callable[[dict], object], nam
 
     checked = rows.map(check, batched=True, remove_columns=rows.column_names, features=_CHECKED, num_proc=num_proc,
                        desc=f"{name}: checking conversations")
-    _report(checked["problem"], name, len(checked), strict)
+    _report(checked["problem"], name, len(checked), strict=False)
     return checked.filter(lambda p: p is None, input_columns="problem", num_proc=num_proc).remove_columns("problem")
 
 
-def from_conversations(items, name: str, *, strict: bool = True) -> datasets.Dataset:
-    """A Dataset from conversations built in Python (generated tasks, a user's JSONL)."""
+def from_conversations(items, name: str) -> datasets.Dataset:
+    """A Dataset from conversations built in Python (generated tasks, a user's JSONL); a bad one raises."""
     messages, problems = [], []
     for conversation in items:
         try:
@@ -196,7 +201,7 @@ def from_conversations(items, name: str, *, strict: bool = True) -> datasets.Dat
             problems.append(None)
         except ValueError as e:
             problems.append(str(e))
-    _report(problems, name, len(problems), strict)
+    _report(problems, name, len(problems), strict=True)
     if not messages:
         raise ValueError(f"{name}: no conversations")
     return datasets.Dataset.from_dict({"messages": messages}, features=FEATURES)

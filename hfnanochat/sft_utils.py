@@ -1,0 +1,266 @@
+"""What `train/midtrain.py` and `train/sft.py` share: nanochat's schedules inside TRL's `SFTTrainer`, the optimizer
+options, the data options, `metrics.jsonl` and the final folder.
+
+Notable:
+- `NanochatSFTTrainer` is `SFTTrainer` with one documented hook overridden, `create_scheduler`: TRL builds the
+  scheduler inside `train()`, once it knows the step count (after packing), and never calls our `apply_schedule`. Ours
+  is a `LambdaLR` over each group's `initial_lr` (so Muon and every AdamW group keep their own rates) with nanochat's
+  `lr_multiplier`, and its `step()` also sets the Muon momentum. It is saved and restored with the checkpoint like any
+  scheduler, and `learning_rate` in the logs is the real one.
+- Optimizers: Muon + AdamW at nanochat's rates (`MuonAdamWFactory` through `optimizer_cls_and_kwargs`, built after
+  the model is wrapped), or transformers' AdamW at one rate (`--optimizer adamw`), or LoRA adapters (PEFT) trained
+  with AdamW. No gradient clipping: nanochat clips only in pretraining.
+- The final folder is what the next stage loads: weights (LoRA merged in; the adapter is kept next to it), tokenizer
+  with the chat template, `token_bytes.pt`, `generation_config.json` that stops on `<|assistant_end|>`.
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import SFTTrainer
+
+from . import tasks
+from .convert import set_generation_defaults
+from .optim import MuonAdamWFactory, lr_multiplier, muon_momentum
+from .tokenizer import get_special_token_ids, save_tokenizer
+
+# every matrix of the decoder layers; TRL rejects an adapter on lm_head (its fused head reads lm_head.weight directly)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+SOURCES = ("smoltalk", "mmlu", "gsm8k", "arc")
+
+
+class NanochatSchedule(LambdaLR):
+    """lr = initial_lr * lr_multiplier(step) on every group; Muon groups also get muon_momentum(step)."""
+
+    def __init__(self, optimizer, num_steps: int, warmdown_ratio: float, momentum_warmup_steps: int):
+        self.momentum_warmup_steps = momentum_warmup_steps  # LambdaLR's constructor already calls step()
+        super().__init__(optimizer, functools.partial(lr_multiplier, num_iterations=num_steps,
+                                                      warmdown_ratio=warmdown_ratio))
+
+    def step(self, epoch=None):
+        super().step(epoch)
+        momentum = muon_momentum(self.last_epoch, self.momentum_warmup_steps)
+        for group in self.optimizer.param_groups:
+            if group.get("kind") == "muon":
+                group["momentum"] = momentum
+
+
+class NanochatSFTTrainer(SFTTrainer):
+    """SFTTrainer whose scheduler is `NanochatSchedule` (warm-down over the last `warmdown_ratio` of the steps;
+    1.0 is a linear decay from the first step)."""
+
+    def __init__(self, *args, warmdown_ratio: float, momentum_warmup_steps: int = 0, **kwargs):
+        self.warmdown_ratio, self.momentum_warmup_steps = warmdown_ratio, momentum_warmup_steps
+        super().__init__(*args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = NanochatSchedule(optimizer or self.optimizer, num_training_steps, self.warmdown_ratio,
+                                                 self.momentum_warmup_steps)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step` (a resumed run redoes the later ones); a line cut by a crash goes too."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(kept))
+
+
+class MetricsCallback(TrainerCallback):
+    """OUT/metrics.jsonl like pretraining: one JSON object per step (step, loss, lrm, lr, tokens/s, ...). A non-finite
+    loss stops the run (`failed` says why) instead of training on."""
+
+    def __init__(self, path: Path):
+        self.path, self.failed = Path(path), None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                truncate_metrics(self.path, state.global_step)
+        self.t0, self.tokens0 = time.time(), None
+
+    def on_log(self, args, state, control, logs=None, lr_scheduler=None, **kwargs):
+        if not logs or "loss" not in logs:  # the end-of-training summary has train_loss instead
+            return
+        now = time.time()
+        dt = now - self.t0
+        tokens = logs.get("num_tokens")
+        record = dict(step=state.global_step, loss=logs["loss"], lrm=logs["learning_rate"] / lr_scheduler.base_lrs[0],
+                      lr=logs["learning_rate"], mean_token_accuracy=logs.get("mean_token_accuracy"), num_tokens=tokens,
+                      dt=dt, tok_per_sec=(tokens - self.tokens0) / dt if None not in (tokens, self.tokens0) else None,
+                      epoch=logs.get("epoch"))
+        self.t0, self.tokens0 = now, tokens
+        if state.is_world_process_zero:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if not math.isfinite(logs["loss"]):
+            self.failed = f"step {state.global_step}: loss is {logs['loss']}"
+            control.should_training_stop = True
+
+
+def add_common_arguments(p: argparse.ArgumentParser, adamw_lr: float) -> None:
+    """Model, data, optimizer and run flags both stages take."""
+    p.add_argument("--model", required=True, help="HF folder of the previous stage (loaded with trust_remote_code)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, final/ (the HF folder)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the model's context)")
+    # data
+    p.add_argument("--data", nargs="+", default=None,
+                   help="your own JSONL file(s) of conversations, used instead of the public datasets")
+    p.add_argument("--recipe", action=argparse.BooleanOptionalAction, default=True,
+                   help="the stage's public datasets (--no-recipe: only --data / --identity / --spelling)")
+    p.add_argument("--source", action="append", default=[], metavar="TASK=PATH",
+                   help=f"local copy (file or folder) of a public dataset, TASK in {', '.join(SOURCES)}")
+    p.add_argument("--identity", action="store_true", help="add identity conversations (who the model is)")
+    p.add_argument("--identity-name", default="nanochat", help="the name the identity conversations give the model")
+    p.add_argument("--identity-file", default=None, help="JSONL of identity conversations instead of the generated")
+    p.add_argument("--spelling", action="store_true", help="add nanochat's SimpleSpelling + SpellingBee tasks")
+    p.add_argument("--max-rows", type=int, default=None, help="train on at most this many conversations (quick runs)")
+    p.add_argument("--num-proc", type=int, default=max(1, min(16, (os.cpu_count() or 2) // 2)),
+                   help="processes for dataset preparation (568K conversations take minutes on one)")
+    # optimizer
+    p.add_argument("--optimizer", choices=["muon", "adamw"], default=None,
+                   help="muon: Muon + AdamW at nanochat's rates (the default); adamw: one AdamW at --lr "
+                   "(the default with --lora)")
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon")
+    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW, scaled by (d/768)^-0.5")
+    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW, scaled by (d/768)^-0.5")
+    p.add_argument("--lr", type=float, default=None, help=f"--optimizer adamw rate (default {adamw_lr:g}; LoRA 10x)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT) instead of all weights")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32, help="adapter scale alpha/rank")
+    # run
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: no checkpoints)")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(adamw_lr=adamw_lr)
+
+
+def parse_sources(entries: list[str]) -> dict[str, dict]:
+    """--source TASK=PATH flags -> {task: {"source": path}}, to splat into the task's call ({} keeps the Hub)."""
+    sources = defaultdict(dict)
+    for entry in entries:
+        task, sep, path = entry.partition("=")
+        if not sep or task not in SOURCES or not path:
+            raise ValueError(f"--source {entry!r}: expected TASK=PATH with TASK in {', '.join(SOURCES)}")
+        sources[task] = {"source": path}
+    return sources
+
+
+def world_size() -> int:
+    """The number of processes, from WORLD_SIZE (accelerate launch and torchrun set it): the batch arithmetic comes
+    before SFTConfig exists, and an accelerate state built earlier would be reset by SFTConfig (on CPU, wrongly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def load_model(path: str):
+    """The previous stage's folder: model (fp32 weights; bf16 comes from autocast) and its nanochat tokenizer."""
+    if not Path(path).is_dir():
+        raise ValueError(f"--model {path}: not a folder (expected the final/ folder of pretraining or mid-training)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    get_special_token_ids(tokenizer)  # raises if this is not a nanochat tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def extra_parts(args, identity_copies: int, spelling_sizes: tuple[int, int]) -> list[tuple[str, object]]:
+    """(name, Dataset) of the user's files (checked strictly), identity conversations and the spelling tasks, as the
+    flags ask."""
+    parts = [(path, tasks.jsonl_conversations(path)) for path in args.data or []]
+    if args.identity or args.identity_file:
+        size = min(1000, args.max_rows or 1000)  # nanochat's file holds ~1,000 conversations
+        identity = tasks.identity(args.identity_name, size=size, path=args.identity_file)
+        parts += [("identity", identity)] * identity_copies
+    if args.spelling:
+        simple, bee = (min(n, args.max_rows or n) for n in spelling_sizes)
+        parts += [("SimpleSpelling", tasks.simple_spelling(simple)), ("SpellingBee", tasks.spelling_bee(bee))]
+    return parts
+
+
+def optimizer_options(args, lr_scale: float) -> tuple[dict, dict]:
+    """(SFTTrainer kwargs, SFTConfig kwargs) for the chosen optimizer."""
+    optimizer = args.optimizer or ("adamw" if args.lora else "muon")
+    if args.lora and optimizer == "muon":
+        raise ValueError("--lora trains adapters with AdamW; Muon would orthogonalise each low-rank factor on its own")
+    trainer_kwargs = {}
+    if args.lora:
+        trainer_kwargs["peft_config"] = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                   target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    if optimizer == "muon":
+        trainer_kwargs["optimizer_cls_and_kwargs"] = (MuonAdamWFactory, dict(
+            matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
+            lr_scale=lr_scale))
+        return trainer_kwargs, {}
+    # LoRA adapters start at zero and are small: they take ~10x the full fine-tuning rate (PEFT's usual advice)
+    lr = args.lr if args.lr is not None else args.adamw_lr * (10 if args.lora else 1)
+    # nanochat's AdamW settings (betas 0.8/0.95, eps 1e-10, no decay) at one rate for every trainable weight
+    return trainer_kwargs, dict(learning_rate=lr, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-10,
+                                weight_decay=0.0)
+
+
+def run_options(args, out: Path) -> dict:
+    """SFTConfig fields both stages set the same way."""
+    return dict(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=1,  # nanochat: one pass over the mixture
+        max_length=args.max_seq_len,
+        max_grad_norm=0.0,  # nanochat clips only in pretraining
+        gradient_checkpointing=args.gradient_checkpointing,  # TRL turns it on by default; nanochat never recomputes
+        bf16=torch.cuda.is_available(),  # autocast over fp32 weights, as pretraining
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # a NaN must show (and stop the run), not be replaced by the running mean
+        save_strategy="steps" if args.save_every > 0 else "no",
+        save_steps=max(args.save_every, 1),
+        save_total_limit=args.keep_checkpoints,
+        report_to=args.report_to,
+        seed=args.seed,
+        dataset_num_proc=args.num_proc,
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient; searching for unused ones costs time
+    )
+
+
+def resume_checkpoint(args, out: Path) -> str | bool | None:
+    """`trainer.train(resume_from_checkpoint=...)`: True finds the newest checkpoint-N under OUT/checkpoints."""
+    if args.resume is None:
+        return None
+    if args.resume == "latest":
+        if not list((out / "checkpoints").glob("checkpoint-*")):
+            raise ValueError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        return True
+    if not (Path(args.resume) / "trainer_state.json").is_file():
+        raise ValueError(f"--resume {args.resume}: not a checkpoint folder (no trainer_state.json)")
+    return args.resume
+
+
+def save_final(trainer: SFTTrainer, tokenizer, final_dir: Path) -> Path:
+    """The HF folder the next stage loads. Call on the main process only."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if isinstance(model, PeftModel):  # keep the adapter, ship the merged weights
+        model.save_pretrained(final_dir.parent / "adapter")
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    model.save_pretrained(final_dir)
+    save_tokenizer(tokenizer, final_dir)
+    set_generation_defaults(model, tokenizer, final_dir)
+    return final_dir
