@@ -104,6 +104,23 @@ def test_loss_falls(trained):
     assert step_names(trained) == ["step_000030"]  # --save-every 0 still saves the last step
 
 
+@pytest.mark.slow  # compiling a depth-2 model on CPU: ~30-60 s
+def test_compiled_run_saves_plain_names_and_resumes(data, tmp_path):
+    """GPU runs compile the model: checkpoints and the final folder must still carry the plain module's weight
+    names (no `_orig_mod.`), and --resume must load them back into the compiled model."""
+    corpus, tok = data
+    flags = ["--data", str(corpus), "--tokenizer", str(tok), *TINY[:-1], "--compile", "--num-iterations", "2",
+             "--eval-every", "0", "--save-every", "1", "--out", str(tmp_path / "run")]
+    pretrain.main(flags)
+    for folder in (tmp_path / "run/final", tmp_path / "run/checkpoints/step_000001/model"):
+        names = set(load_file(folder / "model.safetensors"))
+        assert "model.embed_tokens.weight" in names and not any("_orig_mod" in n for n in names)
+    straight = [r["loss"] for r in metrics(tmp_path / "run")]
+    shutil.rmtree(tmp_path / "run/checkpoints/step_000002")
+    pretrain.main([*flags, "--resume"])
+    assert [r["loss"] for r in metrics(tmp_path / "run")] == straight
+
+
 def test_final_folder_loads_with_auto_classes(trained):
     final = trained / "final"
     model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)

@@ -264,16 +264,21 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model, dynamic=False)
     model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
+    # the plain module: evaluation and sampling run uncompiled (as nanochat's orig_model), and its state dict has no
+    # torch.compile `_orig_mod.` prefixes
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
 
-    # The model is checkpointed as a from_pretrained-able HF folder, not as accelerate's bare state dict.
+    def full_state_dict():
+        # gathers the shards under FSDP (a collective: every rank calls it); names as in the plain module
+        return {k.removeprefix("_orig_mod."): v for k, v in accelerator.get_state_dict(model).items()}
+
     # The model is checkpointed as a from_pretrained-able HF folder. Under DDP that folder *is* the model state, so
     # accelerate's own copy is skipped; under FSDP accelerate keeps its sharded-model files (it knows how to load
     # them into shards) and the HF folder is written beside them from the gathered full state dict.
     fsdp = accelerator.distributed_type == DistributedType.FSDP
 
     def save_model_hook(models, weights, output_dir):
-        state_dict = accelerator.get_state_dict(model)  # a collective under FSDP: every rank takes part
+        state_dict = full_state_dict()
         if accelerator.is_main_process:
             raw_model.save_pretrained(Path(output_dir) / "model", state_dict=state_dict)
         if not fsdp:
@@ -450,12 +455,13 @@ def main(argv=None):
 
     # -- final HF folder: weights, config, tokenizer + chat template, generation defaults ----------------------------
     final_dir = out / "final"
-    state_dict = accelerator.get_state_dict(model)  # gathers the shards under FSDP (every rank takes part)
+    state_dict = full_state_dict()
     if accelerator.is_main_process:
         raw_model.config.use_cache = True
         raw_model.save_pretrained(final_dir, state_dict=state_dict)
         tokenizer.save_pretrained(final_dir)
-        shutil.copy2(Path(args.tokenizer) / "token_bytes.pt", final_dir / "token_bytes.pt") if (Path(args.tokenizer) / "token_bytes.pt").exists() else None
+        if (Path(args.tokenizer) / "token_bytes.pt").exists():
+            shutil.copy2(Path(args.tokenizer) / "token_bytes.pt", final_dir / "token_bytes.pt")
         set_generation_defaults(raw_model, tokenizer, final_dir)
         accelerator.print(f"saved {final_dir} | validation bpb {val_bpb:.4f} | training time {total_time / 60:.1f} min")
     accelerator.wait_for_everyone()
