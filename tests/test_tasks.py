@@ -1,7 +1,7 @@
 """hfnanochat.tasks: every source's conversations, the canonical message format, bad rows, local copies.
 
 Fixtures are tiny files written into tmp_path in each source's real layout (GSM8K's jsonl, a Hub parquet snapshot for
-ARC, MMLU's wrapped auxiliary_train rows). The real GSM8K train file is used when /work/shared has it.
+ARC, MMLU's wrapped auxiliary_train rows). The real GSM8K train file is used when ../shared (beside the checkout) has it.
 """
 
 import json
@@ -16,7 +16,7 @@ import pytest
 from hfnanochat import tasks
 from hfnanochat.tokenizer import render_conversation, train_tokenizer
 
-GSM8K_DIR = Path("/work/shared/data/gsm8k")
+GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"  # ../shared beside the checkout
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "dan", "tor", "el", "qu", "zi", "fa", "gu", "ber"]
 
 
