@@ -376,6 +376,9 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         """
         weight = self.lm_head.weight
         padding = self.config.padded_vocab_size - weight.shape[0]
+        if padding and hidden_states.shape[:-1].numel() < 256:
+            # decoding a few tokens is bound by reading the weight; a padded copy would only add memory traffic
+            padding = 0
         if padding:
             weight = F.pad(weight, (0, 0, 0, padding))
         logits = F.linear(hidden_states, weight)

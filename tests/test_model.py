@@ -304,3 +304,13 @@ def test_chunked_loss_equals_full_loss_and_grads():
     chunked.loss.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_padded_head_matmul_equals_plain_projection():
+    """vocab 97 is computed as 128 columns for large batches of rows (and unpadded for a few decode rows)."""
+    model = random_model(tiny_config())
+    assert model.config.padded_vocab_size == 128
+    for rows in (3, 300):
+        hidden = torch.randn(1, rows, 64)
+        expected = 15.0 * torch.tanh((hidden @ model.lm_head.weight.T).float() / 15.0)
+        torch.testing.assert_close(model.compute_logits(hidden), expected, atol=1e-5, rtol=1e-5)
