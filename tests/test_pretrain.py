@@ -193,6 +193,20 @@ def test_resume_is_bit_exact_after_a_crash(data, straight, tmp_path, capsys):
     assert step_names(out) == ["step_000006", "step_000012"]
 
 
+def test_resume_with_lower_learning_rates_uses_them(data, straight, tmp_path):
+    """The way out of a divergence: resume the last good checkpoint with lower rates, and they take effect (the
+    checkpoint's optimizer state would otherwise bring its own base rates back)."""
+    out = tmp_path / "lower"
+    shutil.copytree(straight / "checkpoints" / "step_000006", out / "checkpoints" / "step_000006")
+    run(data, out, "--num-iterations", "7", "--eval-every", "0", "--save-every", "0", "--resume",
+        "--matrix-lr", "0.002", "--embedding-lr", "0.02", "--unembedding-lr", "0.0004")
+    state = torch.load(out / "checkpoints" / "step_000007" / "optimizer.bin", weights_only=False)
+    base = torch.load(straight / "checkpoints" / "step_000006" / "optimizer.bin", weights_only=False)
+    for group, old in zip(state["param_groups"], base["param_groups"]):
+        if group["name"] != "scalars":  # the 2026 scalars' fixed rate does not follow the flags
+            assert group["initial_lr"] == pytest.approx(old["initial_lr"] / 10), group["name"]
+
+
 def test_resume_latest_without_a_complete_checkpoint(data, tmp_path):
     partial = tmp_path / "checkpoints" / "step_000003"
     (partial / "model").mkdir(parents=True)

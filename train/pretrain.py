@@ -296,7 +296,14 @@ def main(argv=None):
 
     step, smooth_loss, total_time, val_bpb = 0, 0.0, 0.0, None
     if resume_state:
+        # The checkpoint's optimizer state carries its own base rates; the ones built from this run's flags win, so
+        # that a run that diverged can resume from its last good checkpoint with lower learning rates.
+        fresh = [(g["initial_lr"], g.get("initial_weight_decay")) for g in optimizer.param_groups]
         accelerator.load_state(str(resume_path))
+        for group, (initial_lr, initial_wd) in zip(optimizer.param_groups, fresh):
+            group["initial_lr"] = initial_lr
+            if initial_wd is not None:
+                group["initial_weight_decay"] = initial_wd
         # load_state restores Accelerate's micro-step counter, which counts in the checkpoint's grad_accum; a
         # checkpoint sits on a step boundary, so count from 0 (a run on another process count has another grad_accum)
         accelerator.step = 0
