@@ -9,12 +9,13 @@ Notable:
   produced it, tool outputs included, and a reply cut by --max-new-tokens is closed with <|assistant_end|>.
 - Replies stream: text is printed as soon as it is whole UTF-8 (a character split across byte-level tokens waits for
   its last byte). Calculator calls show on their own line as `[python] 12*7 -> 84` (`-> (no result)` when the
-  calculator refused and nothing was forced).
+  calculator refused and nothing was forced); a reply that ends inside a call or its output (a stop token, or
+  --max-new-tokens) shows what there was, marked `(unfinished)`.
 - A conversation longer than the model's context minus the reply budget is cut from the left, <|bos|> kept first,
   with a notice on stderr; the full history is kept, so `clear` is the way to start over.
 - Input: stdin is read as bytes and decoded strictly, so a line that is not UTF-8 gets a clear message and is
-  skipped; empty messages re-prompt. Commands: `quit`/`exit`, `clear`. EOF ends the chat (status 0); Ctrl-C
-  ends it without a traceback (status 130).
+  skipped; empty messages re-prompt; messages (and -p) are stripped, as nanochat's `input().strip()`. Commands:
+  `quit`/`exit`, `clear`. EOF ends the chat (status 0); Ctrl-C ends it without a traceback (status 130).
 - Defaults are nanochat's chat_cli: temperature 0.6, top-k 50, 256 new tokens. On CUDA the model runs in bf16 and
   decodes through the engine's static cache + torch.compile path (the first reply waits for the compilation;
   `--no-compile` skips it); on CPU in fp32, eager.
@@ -132,6 +133,8 @@ class StreamPrinter:
                 self.output = None
             else:
                 self.output.append(token)
+        elif token in (sp["assistant_end"], sp["bos"]):
+            pass  # stop tokens end the reply, inside a python call too; they are not text
         elif self.code is not None:
             if token == sp["python_end"]:
                 self._write(f"[python] {self.tokenizer.decode(self.code)}")
@@ -143,14 +146,16 @@ class StreamPrinter:
             if not self.at_line_start:
                 self._write("\n")
             self.code = []
-        elif token in (sp["assistant_end"], sp["bos"]):
-            pass  # stop tokens end the reply; they are not text
         else:
             self.text.append(token)
             self._flush_text()
 
     def finish(self) -> None:
-        if self.awaiting_output:
+        if self.code is not None:  # the reply ended inside a python call
+            self._write(f"[python] {self.tokenizer.decode(self.code)} (unfinished)\n")
+        elif self.output is not None:  # or inside the forced output (--max-new-tokens)
+            self._write(f" -> {self.tokenizer.decode(self.output)} (unfinished)\n")
+        elif self.awaiting_output:
             self._write(" -> (no result)\n")
         self._flush_text(final=True)
         if not self.at_line_start:
@@ -180,7 +185,8 @@ class Chat:
 
     def reply(self, message: str) -> None:
         sp = self.special
-        conversation = [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        # as nanochat's input().strip(): a stray space or tab would be tokens the model never saw before a message
+        conversation = [{"role": "user", "content": message.strip()}, {"role": "assistant", "content": ""}]
         self.tokens += render_for_completion(self.tokenizer, conversation)[1:]  # drop its <|bos|>: ours comes first
         prompt = self.tokens
         if self.budget is not None and len(prompt) > self.budget:

@@ -10,8 +10,9 @@ Notable:
 - Sampling: temperature (0 = greedy), top-k, top-p, a `torch.Generator` seeded per call, so a seed reproduces a
   rollout. Greedy decoding gives exactly `model.generate(do_sample=False)`'s tokens (tests check it): same masks,
   same positions, same cache, same argmax.
-- A row stops on `<|assistant_end|>` or `<|bos|>` (nanochat's two stop tokens). The stop token is kept in the output
-  with mask 1: the model chose to stop, and RL has to reward or punish that choice too.
+- A row stops on `<|assistant_end|>` or `<|bos|>` (nanochat's two stop tokens). The stop token is yielded and kept in
+  `Completion.tokens` with mask 1 (nanochat's generate_batch drops it): the model chose to stop, and RL scores that
+  choice too.
 - The tool, per row: tokens between `<|python_start|>` and `<|python_end|>` are decoded and given to the calculator
   (`sandbox.calculator`). A result is forced into the row as `<|output_start|>` result `<|output_end|>`; nothing is
   forced when the calculator refuses (nanochat's rule). Forced tokens take a row's next steps in place of samples and
@@ -26,7 +27,8 @@ Why forced tokens go one per step rather than in one multi-token forward: rows o
 multi-token step for one row would leave holes in every other row's cache (masked slots), which grows a static cache
 by an amount nobody can bound up front and shrinks sliding windows, which count slots, not tokens. One token per
 row per step keeps every row's cache contiguous and the static cache no longer than `prompt + max_new_tokens`
-(rounded up to a bucket); a calculator result costs 2-4 extra decode steps.
+(rounded up to a bucket). The price: a calculator result costs one decode step per forced token, its own tokens plus
+<|output_start|> and <|output_end|>, so 3 steps for "84" but many more for a long result like 10/3 = 3.3333333333.
 """
 
 import inspect
@@ -185,7 +187,8 @@ class Engine:
         elif row.in_python:
             row.code.append(token)
 
-    def _validate(self, prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed) -> list[list[int]]:
+    def _validate(self, prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed):
+        """Check every argument; return the prompts as a list of lists, and whether one prompt (not a batch) came."""
         def is_int(x):
             return isinstance(x, int) and not isinstance(x, bool)
 
@@ -193,7 +196,10 @@ class Engine:
             prompts = prompts.tolist()
         if not isinstance(prompts, Sequence) or isinstance(prompts, str) or len(prompts) == 0:
             raise ValueError("prompts must be a non-empty list of token ids, or a non-empty list of such lists")
-        batch = [list(prompts)] if is_int(prompts[0]) else [list(p) for p in prompts]
+        single = is_int(prompts[0])
+        if not single and not all(isinstance(p, Sequence) and not isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a list of token ids, or a list of such lists, not a mix of the two")
+        batch = [list(prompts)] if single else [list(p) for p in prompts]
         vocab = self.model.config.vocab_size
         for i, p in enumerate(batch):
             if not p:
@@ -213,7 +219,7 @@ class Engine:
             raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
         if not is_int(seed):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        return batch
+        return batch, single
 
     # ----------------------------------------------------------------------------------------------------------------
 
@@ -234,7 +240,7 @@ class Engine:
         has stopped. A row stops after sampling a stop token (which it yields) or after `max_new_tokens` tokens.
         Bad arguments raise ValueError here, before anything runs.
         """
-        batch = self._validate(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed)
+        batch, _ = self._validate(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed)
         return self._generate(batch, num_samples, max_new_tokens, temperature, top_k, top_p, seed)
 
     @torch.no_grad()
@@ -306,16 +312,20 @@ class Engine:
             logits = self._forward(decode, tokens[:, None], next_position + step, mask, cache)
 
     def generate_batch(
-        self, prompts: Sequence[int] | Sequence[Sequence[int]], num_samples: int = 1, **kwargs
+        self,
+        prompts: Sequence[int] | Sequence[Sequence[int]],
+        num_samples: int = 1,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 42,
     ) -> list[Completion] | list[list[Completion]]:
         """Run `generate` to the end. One prompt -> `num_samples` Completions; a batch of prompts -> one such list
         per prompt, in order."""
-        single = isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int)
-        single = single or (isinstance(prompts, torch.Tensor) and prompts.ndim == 1)
-        completions = None
-        for tokens, mask in self.generate(prompts, num_samples=num_samples, **kwargs):
-            if completions is None:
-                completions = [Completion() for _ in tokens]
+        batch, single = self._validate(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed)
+        completions = [Completion() for _ in range(len(batch) * num_samples)]
+        for tokens, mask in self._generate(batch, num_samples, max_new_tokens, temperature, top_k, top_p, seed):
             for c, t, m in zip(completions, tokens, mask):
                 if t is not None:
                     c.tokens.append(t)

@@ -38,8 +38,11 @@ execute(code, timeout, memory_mb) -> ExecutionResult
     resource, pty and their C halves.
 - The code runs to its end or fails: an exception, SystemExit (any code, as in OpenAI's human-eval,
   so a sample can't `exit(0)` past its asserts), a signal or the deadline. The error is one short
-  line: the last line of the traceback ("ZeroDivisionError: division by zero"), "Timeout after 5.0s",
-  "Killed by signal SIGSEGV", or "Exit code N".
+  line: the exception's type and the first line of its message ("ZeroDivisionError: division by
+  zero"), "Timeout after 5.0s", "Killed by signal SIGSEGV", or "Exit code N". The child's bootstrap
+  writes that exception line to a pipe of its own, since the last stderr line may be the rest of a
+  multi-line message or an exception note, and signals a MemoryError (subclasses included, e.g.
+  numpy's _ArrayMemoryError) with its own exit code, which sets memory_exceeded.
 
 What this is not: a security sandbox. The guards inside the child's interpreter are ordinary Python
 objects that hostile code can reach around (gc, frame introspection, _io.FileIO, ...); they stop
@@ -153,19 +156,21 @@ def calculator(expr: str) -> str | None:
 class ExecutionResult:
     success: bool  # the code ran to its end (exit status 0) within the deadline
     stdout: str
-    error: str | None  # one line: last traceback line, "Timeout after 5.0s", "Killed by signal X", "Exit code N"
+    error: str | None  # one line: "Type: first line of the message", "Timeout after 5.0s", "Killed by signal X", ...
     timed_out: bool
     stderr: str = ""
-    memory_exceeded: bool = False
+    memory_exceeded: bool = False  # the code died of a MemoryError (or a subclass of it)
 
 
 _OUTPUT_CAP = 64 * 1024  # bytes kept per stream: HumanEval checks print little; a runaway print loop prints without end
 _TAIL_BYTES = 4096  # last bytes of stderr kept apart from the cap, so the error line survives truncation
+_MEMORY_ERROR_EXIT = 3  # the bootstrap's exit status for a MemoryError; any other exception exits 1
 _READ_CHUNK = 64 * 1024
 _MIN_MEMORY_MB = 64  # the interpreter alone maps ~15 MB; below this, ordinary code dies of MemoryError
 _CHILD_ENV = {"PATH": "/usr/bin:/bin"}  # nothing of the caller's environment (tokens, keys) reaches the code
 
-# Runs in the child before the untrusted code. argv: memory_mb, cpu_seconds. The code arrives on stdin.
+# Runs in the child before the untrusted code. argv: memory_mb, cpu_seconds, the write end of the summary pipe
+# (which gets the exception's one-line summary). The code arrives on stdin.
 _BOOTSTRAP = r'''
 import builtins, io, linecache, os, shutil, sys, traceback
 code = sys.stdin.buffer.read().decode("utf-8", "surrogatepass")
@@ -175,7 +180,7 @@ os.close(devnull)
 report_fd = os.dup(2)  # the final traceback gets out even if the code closes sys.stderr or fd 2
 exit_now = os._exit
 
-memory_mb, cpu_seconds = int(sys.argv[1]), int(sys.argv[2])
+memory_mb, cpu_seconds, summary_fd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 import resource
 limits = [
     (resource.RLIMIT_CPU, cpu_seconds),
@@ -268,11 +273,19 @@ except BaseException as exc:
         report = "".join(traceback.format_exception(exc, limit=-50))
     except BaseException:  # out of memory again, or a hostile __str__
         report = type(exc).__name__ + "\n"
+    try:
+        # "Type: first line of the message"; the notes, which format_exception_only would add after it, go
+        summary = traceback.TracebackException.from_exception(exc, limit=0)
+        summary.__notes__ = None
+        summary = list(summary.format_exception_only())[-1].splitlines()[0].strip()
+    except BaseException:
+        summary = type(exc).__name__
     flush_standard_streams()
-    data = report.encode("utf-8", "replace")
-    while data:
-        data = data[os.write(report_fd, data):]
-    exit_now(1)
+    for fd, text in ((report_fd, report), (summary_fd, summary)):
+        data = text.encode("utf-8", "replace")
+        while data:
+            data = data[os.write(fd, data):]
+    exit_now(3 if isinstance(exc, MemoryError) else 1)  # 3: _MEMORY_ERROR_EXIT
 flush_standard_streams()
 exit_now(0)  # skip atexit handlers the code may have registered
 '''
@@ -303,15 +316,14 @@ class _Capture:
         return lines[-1].strip() if lines else None
 
 
-def _communicate(proc, data, deadline, out, err):
-    """Feed the code, then read both pipes into `out`/`err` until EOF and exit, or the deadline.
+def _communicate(proc, data, deadline, captures):
+    """Feed the code, then read the pipes of `captures` ({fd: _Capture}) until EOF and exit, or the deadline.
     Returns whether the deadline passed."""
     try:
         with proc.stdin:
             proc.stdin.write(data)
     except BrokenPipeError:  # the child died before reading its code; its stderr says why
         pass
-    captures = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
     with selectors.DefaultSelector() as selector:
         for fd in captures:
             selector.register(fd, selectors.EVENT_READ)
@@ -355,20 +367,31 @@ def execute(code: str, timeout: float = 5.0, memory_mb: int = 512) -> ExecutionR
     if os.name != "posix":
         raise RuntimeError("execute() needs a POSIX system (rlimits, process groups, selectable pipes)")
     with tempfile.TemporaryDirectory(prefix="hfnanochat-sandbox-", ignore_cleanup_errors=True) as workdir:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-X", "utf8", "-c", _BOOTSTRAP, str(memory_mb), str(math.ceil(timeout) + 1)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=workdir,
-            env=_CHILD_ENV,
-            start_new_session=True,
-        )
-        out, err = _Capture(), _Capture()
-        try:
-            timed_out = _communicate(proc, code.encode("utf-8", "surrogatepass"), time.monotonic() + timeout, out, err)
-        finally:
-            _kill_group(proc)
+        # the bootstrap writes the exception's summary line here, apart from anything the code wrote to stderr
+        summary_read, summary_write = os.pipe()
+        with open(summary_read, "rb", buffering=0) as summary_pipe:
+            try:
+                argv = [str(memory_mb), str(math.ceil(timeout) + 1), str(summary_write)]
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-B", "-X", "utf8", "-c", _BOOTSTRAP, *argv],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    pass_fds=(summary_write,),
+                    cwd=workdir,
+                    env=_CHILD_ENV,
+                    start_new_session=True,
+                )
+            finally:
+                os.close(summary_write)  # only the child's copy stays open: EOF comes when it exits
+            out, err, summary = _Capture(), _Capture(), _Capture()
+            captures = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, summary_pipe.fileno(): summary}
+            try:
+                timed_out = _communicate(
+                    proc, code.encode("utf-8", "surrogatepass"), time.monotonic() + timeout, captures
+                )
+            finally:
+                _kill_group(proc)
     returncode = proc.returncode
     if timed_out:
         error = f"Timeout after {timeout}s"
@@ -380,12 +403,13 @@ def execute(code: str, timeout: float = 5.0, memory_mb: int = 512) -> ExecutionR
         except ValueError:  # a signal without a name (real-time signals)
             error = f"Killed by signal {-returncode}"
     else:
-        error = err.last_line() or f"Exit code {returncode}"
+        # no summary: the child died before its bootstrap could write one (its stderr says why)
+        error = summary.head.decode("utf-8", "replace") or err.last_line() or f"Exit code {returncode}"
     return ExecutionResult(
         success=error is None,
         stdout=out.text(),
         error=error,
         timed_out=timed_out,
         stderr=err.text(),
-        memory_exceeded=error is not None and error.startswith("MemoryError"),
+        memory_exceeded=not timed_out and returncode == _MEMORY_ERROR_EXIT,
     )

@@ -1,5 +1,6 @@
 """`python -m hfnanochat.chat` in a subprocess, on a tiny saved model whose greedy reply is a scripted tool call."""
 
+import io
 import os
 import signal
 import subprocess
@@ -8,10 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
-from hfnanochat.tokenizer import save_tokenizer, train_tokenizer
+from hfnanochat import HFNanoChatForCausalLM
+from hfnanochat.chat import Chat, StreamPrinter, parse_args
+from hfnanochat.engine import Engine
+from hfnanochat.tokenizer import get_special_token_ids, save_tokenizer, train_tokenizer
 
-from test_engine import scripted_model, syllable_text, tool_script
+from test_engine import encode, scripted_model, syllable_text, tool_script
 
 REPO = Path(__file__).resolve().parents[1]
 REPLY = "[python] 12*7 -> 84\n done\n"  # what the scripted model answers to any message
@@ -116,3 +121,40 @@ def test_ctrl_c_exits_without_a_traceback(model_dir):
     finally:
         proc.kill()
     assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def printed(tokenizer, stream):
+    """What StreamPrinter shows for a reply given as (token, mask) pairs."""
+    out = io.StringIO()
+    printer = StreamPrinter(tokenizer, out)
+    for token, mask in stream:
+        printer.feed(token, mask)
+    printer.finish()
+    return out.getvalue()
+
+
+def test_a_reply_that_ends_inside_a_python_call_still_shows_it(tokenizer):
+    sp = get_special_token_ids(tokenizer)
+    call = [(t, 1) for t in [*encode(tokenizer, "hi "), sp["python_start"], *encode(tokenizer, "12*7")]]
+    # stopped inside the call: the stop token is not code
+    assert printed(tokenizer, [*call, (sp["assistant_end"], 1)]) == "hi \n[python] 12*7 (unfinished)\n"
+    assert printed(tokenizer, call) == "hi \n[python] 12*7 (unfinished)\n"  # cut by --max-new-tokens
+    forced = [(t, 0) for t in [sp["output_start"], *encode(tokenizer, "8")]]  # cut inside the forced "84"
+    assert printed(tokenizer, [*call, (sp["python_end"], 1), *forced]) == "hi \n[python] 12*7 -> 8 (unfinished)\n"
+
+
+def test_messages_are_stripped_like_nanochat(model_dir, tokenizer):
+    model = HFNanoChatForCausalLM.from_pretrained(model_dir).eval()
+    args = parse_args(["--model", str(model_dir), "--device", "cpu", "--temperature", "0", "--max-new-tokens", "20"])
+    out = io.StringIO()
+    chat = Chat(Engine(model, tokenizer), tokenizer, args, out, io.StringIO())
+    chat.reply(" \twhat is 12 times 7  \n")  # how -p and a typed line can arrive
+    padded = chat.tokens
+    chat.clear()
+    chat.reply("what is 12 times 7")
+    assert chat.tokens == padded and out.getvalue() == REPLY * 2

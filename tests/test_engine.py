@@ -255,6 +255,8 @@ def test_bad_arguments_raise_clear_errors(tokenizer):
     for kwargs, match in [
         (dict(prompts=[]), "non-empty"),
         (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+        (dict(prompts=[[1, 2], 3]), "not a mix"),
+        (dict(prompts=[True, 2]), "not a mix"),  # a bool is not a token id, so this is no single prompt either
         (dict(prompts=[1, 9999]), r"token ids in \[0, 512\)"),
         (dict(num_samples=0), "num_samples"),
         (dict(max_new_tokens=0), "max_new_tokens"),
@@ -271,11 +273,22 @@ def test_bad_arguments_raise_clear_errors(tokenizer):
         Engine(engine.model, tokenizer, cache_implementation="paged")
 
 
+def test_generate_batch_shape_follows_the_prompt_form(tokenizer):
+    engine = Engine(random_model(tiny_config()), tokenizer)
+    kwargs = dict(num_samples=2, max_new_tokens=2, temperature=0.0)
+    for single in ([1, 2, 3], (1, 2, 3), torch.tensor([1, 2, 3])):  # one prompt -> its samples
+        samples = engine.generate_batch(single, **kwargs)
+        assert len(samples) == 2 and all(len(s.tokens) == 2 for s in samples)
+    for batch in ([[1, 2, 3], [4, 5]], torch.tensor([[1, 2, 3], [4, 5, 6]])):  # a batch -> samples per prompt
+        grouped = engine.generate_batch(batch, **kwargs)
+        assert len(grouped) == 2 and all(len(samples) == 2 for samples in grouped)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile (inductor) on CPU needs a C++ compiler")
 def test_compiled_static_decode_equals_generate_on_cpu(tokenizer):
     """The decode path CUDA uses by default (static cache + the model's compiled forward), minus the CUDA graphs."""
-    model = random_model(tiny_config())
+    model = random_model(tiny_config(**ALL_2026))  # smear's state has to go through the compiled graph too
     engine = Engine(model, tokenizer, cache_implementation="static", compile=True)
     prompts = syllable_prompts(tokenizer, (3, 11, 6))
     try:

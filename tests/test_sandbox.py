@@ -140,6 +140,14 @@ def test_exception_is_the_last_traceback_line():
     assert run("def (:").error == "SyntaxError: invalid syntax"
 
 
+def test_error_keeps_the_type_of_multi_line_messages_and_noted_exceptions():
+    # the last stderr line would be "see above" and the note: the summary comes from the exception itself
+    result = run('raise ValueError("bad input\\nsee above")')
+    assert result.error == "ValueError: bad input" and result.stderr.endswith("ValueError: bad input\nsee above\n")
+    noted = run("e = KeyError('k')\ne.add_note('while looking up k')\nraise e")
+    assert noted.error == "KeyError: 'k'" and noted.stderr.endswith("while looking up k\n")
+
+
 def test_fresh_globals_empty_stdin_and_standard_library():
     result = run(
         "import json, math, collections, heapq, itertools, re\n"
@@ -272,6 +280,18 @@ def test_deleting_files_outside_fails(tmp_path, template):
 def test_memory_bomb(code):
     result = run(code, memory_mb=128)
     assert not result.success and result.memory_exceeded and result.error == "MemoryError"
+
+
+def test_memory_error_subclasses_count_as_memory_exceeded():
+    result = run("class OutOfRoom(MemoryError):\n    pass\nraise OutOfRoom('no room')")
+    assert result.memory_exceeded and result.error == "OutOfRoom: no room"
+    assert not run("raise ValueError('MemoryError')").memory_exceeded
+
+
+def test_numpy_allocation_failure_is_memory_exceeded():
+    pytest.importorskip("numpy")
+    result = run("import numpy as np\nnp.ones(10**10)", memory_mb=256)  # numpy raises _ArrayMemoryError
+    assert not result.success and result.memory_exceeded and "Unable to allocate" in result.error
 
 
 def test_recursion_bombs():
