@@ -5,10 +5,16 @@ Notable:
 - Sources: a local file, directory or glob of .txt / .jsonl / .json / .parquet files, or a Hugging Face dataset id.
   Everything is streamed through `datasets` (`load_dataset(..., streaming=True)`), so nothing is downloaded up front.
   In .txt files a document is a group of lines between blank lines (tinyshakespeare: one speech).
-- Split: rows 0, 100, 200, ... are validation and the rest training, unless a Hub dataset ships its own `validation`
-  split. No shuffling: nanochat's shards are pre-shuffled, and FineWeb-style dumps are already in random order.
-- Sharding: rank r of W takes documents r, r+W, r+2W, ... of its split. Training streams loop forever (with an epoch
-  counter); validation streams make one pass.
+- Split of local data: rows 0, 100, 200, ... are validation and the rest training. No shuffling: nanochat's shards are
+  pre-shuffled, and FineWeb-style dumps are already in random order.
+- Split of streamed (Hub) data: its own `validation` split if it ships one, else the first HUB_VAL_DOCS rows (of its
+  first file) are validation and training starts after them. Not every 100th row as for local files: a stream can only
+  be read from the start, so that rule made each evaluation scan ~1.6M FineWeb-EDU rows for 16k validation documents,
+  where a leading block costs only the rows the evaluation uses.
+- Sharding: rank r of W of a streamed split reads whole files, r, r+W, ... (`split_dataset_by_node`), when W divides
+  the file count, so no rank downloads another's data; otherwise, and for local data, rank r takes rows r, r+W, ...
+  (every rank reads every file). The validation block is split the row-wise way, so it is the same for any W. Training
+  streams loop forever (with an epoch counter); validation streams make one pass.
 - Packing (nanochat 2026, "BOS-aligned best-fit crop"): each document is prefixed with <|bos|>; a row of T+1 tokens
   repeatedly takes the largest buffered document that still fits and, once none fits, crops the shortest one to fill
   the row exactly (its tail is dropped). Every row starts with BOS and a document starts only at a BOS; no padding,
@@ -18,10 +24,12 @@ Notable:
 - Exact resume: `state_dict()` holds the stream position (with the `datasets` iterator state, so a Hub resume re-reads
   at most the current shard) and the token ids of the buffered documents. A restored loader yields the same batches
   bit for bit; nanochat resumes only approximately, at the next parquet row group, and loses its buffer.
+- The Hub is asked once per process and source (existence, files, first rows), not again for each evaluation's loader.
 - `evaluate_bpb`: nanochat's bits per byte, which compares models across tokenizers.
 """
 
 import bisect
+import functools
 import glob
 import math
 import os
@@ -35,11 +43,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from datasets.distributed import split_dataset_by_node
 from huggingface_hub import HfApi
 from huggingface_hub.errors import GatedRepoError, HFValidationError, HfHubHTTPError, RepositoryNotFoundError
 
 # 1% held out: tinyshakespeare gets ~70 validation speeches, and row 0 makes even a one-row file evaluable.
 VAL_EVERY = 100
+# Streamed data without a validation split: its first 50,000 documents are validation, nanochat's one validation shard
+# (~54k documents, 250M characters) in size. At FineWeb-EDU's ~1,000 tokens a document that is ~50M tokens, five times
+# the default 10M-token evaluation, and it lies in the first file, which each evaluation reads only as far as it needs.
+HUB_VAL_DOCS = 50_000
 # suffix -> `datasets` builder; "text" is our own paragraph reader (the stock "text" builder yields single lines)
 LOCAL_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -84,8 +97,9 @@ def _paragraphs(files: list[str]) -> Iterator[dict]:
                 yield {"text": "".join(lines).rstrip("\n")}
 
 
-def _open_hub(repo_id: str, name: str | None, split: str) -> tuple[datasets.IterableDataset, bool]:
-    """The streamed Hub split to read for `split`, and whether every VAL_EVERY-th row of it must be held out."""
+@functools.lru_cache(maxsize=None)
+def _hub_dataset(repo_id: str, name: str | None) -> datasets.IterableDatasetDict:
+    """The streamed splits of a Hub dataset; cached, since every evaluation opens fresh validation streams."""
     try:
         # one quick request first: offline, `load_dataset` retries for ~25 s before failing with a vaguer message
         HfApi().dataset_info(repo_id, timeout=10)
@@ -98,12 +112,35 @@ def _open_hub(repo_id: str, name: str | None, split: str) -> tuple[datasets.Iter
     except Exception as e:  # no HTTP answer at all: DNS failure, refused connection, timeout, HF_HUB_OFFLINE=1
         raise ValueError(f"could not reach the Hugging Face Hub for dataset {repo_id!r} ({type(e).__name__}: {e}). "
                          "This machine seems offline: pass --data PATH with local .txt/.jsonl/.parquet files.") from e
-    splits = datasets.load_dataset(repo_id, name, streaming=True)
-    if split == "val" and "validation" in splits:
-        return splits["validation"], False
-    if "train" not in splits:
-        raise ValueError(f"Hub dataset {repo_id!r} has no 'train' split (it has {', '.join(splits)})")
-    return splits["train"], "validation" not in splits
+    return datasets.load_dataset(repo_id, name, streaming=True)
+
+
+def _split_streamed(splits: datasets.IterableDatasetDict, label: str, split: str, rank: int,
+                    world_size: int) -> tuple[datasets.IterableDataset, bool]:
+    """
+    Rank `rank`'s part of `split` of streamed data, and whether the caller must still keep only its rows rank,
+    rank+W, ... of it (true for the held-out validation block alone).
+    """
+    has_val = "validation" in splits
+    if "train" not in splits and not (split == "val" and has_val):
+        raise ValueError(f"{label} has no 'train' split (it has {', '.join(splits)})")
+    # every path below wraps the (cached, shared) dataset in a new one, so each stream keeps its own position
+    dataset = splits["validation" if split == "val" and has_val else "train"]
+    if split == "val" and not has_val:
+        # within the first file, so it never reaches rows that training reads: should that file be shorter than
+        # HUB_VAL_DOCS rows, training's skip below passes over a few rows of the next file that neither split uses
+        first_file = dataset.shard(num_shards=dataset.num_shards, index=0, contiguous=True)
+        return first_file.take(HUB_VAL_DOCS), True
+    # whole files per rank when they divide evenly; else `datasets` falls back to every W-th row, as for local data
+    by_file = dataset.num_shards % world_size == 0
+    dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    if split == "train" and not has_val and (rank == 0 or not by_file):
+        dataset = dataset.skip(HUB_VAL_DOCS)  # file by file, the held-out block leads rank 0's first file
+    return dataset, False
+
+
+# (source, name, split, text_column, rank, world_size) of Hub streams that passed DocumentStream's check
+_CHECKED_HUB_STREAMS: set[tuple] = set()
 
 
 class DocumentStream:
@@ -111,20 +148,40 @@ class DocumentStream:
     One rank's documents (non-empty texts) of one split of a source, in a fixed order. Iterating yields the texts from
     the current position: forever for split="train" (the epoch counter goes up at each wrap), once for split="val".
     `state_dict()` is the position after the last text yielded. Bad sources raise ValueError at construction.
+
+    `source` is a local path, a Hub dataset id (`name` picks its config), or streamed data already opened, such as
+    `load_dataset(..., streaming=True)` returns; the last two are split and sharded the same way (see the module notes).
     """
 
-    def __init__(self, source: str, *, split: str = "train", text_column: str = "text", name: str | None = None,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, source: str | datasets.IterableDatasetDict | datasets.IterableDataset, *, split: str = "train",
+                 text_column: str = "text", name: str | None = None, rank: int = 0, world_size: int = 1):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
-        self.source, self.split, self.text_column = str(source), split, text_column
+        self.split, self.text_column = split, text_column
         self.rank, self.world_size = rank, world_size
         self.infinite = split == "train"
-        files = _local_files(self.source)
+        streamed = isinstance(source, (datasets.IterableDatasetDict, datasets.IterableDataset))
+        if not (streamed or isinstance(source, (str, os.PathLike))):
+            raise ValueError(f"source must be a path, a Hub dataset id or a streamed dataset, got "
+                             f"{type(source).__name__}")
+        self.source = f"streamed {type(source).__name__}" if streamed else str(source)
+        files = None if streamed else _local_files(self.source)
+        check_key = None
         if files is None:
-            self._dataset, self._holdout = _open_hub(self.source, name, split)
+            if streamed and name is not None:
+                raise ValueError(f"name={name!r} picks a Hub dataset config; already opened data has none")
+            if isinstance(source, datasets.IterableDataset):
+                source = datasets.IterableDatasetDict(train=source)  # a lone dataset is the "train" split
+            elif not streamed:
+                source = _hub_dataset(self.source, name)
+                check_key = (self.source, name, split, text_column, rank, world_size)
+            label = f"Hub dataset {self.source!r}" if check_key else self.source
+            self._dataset, self._strided = _split_streamed(source, label, split, rank, world_size)
+            self._holdout = False
+            self._holdout_rule = "" if "validation" in source else (
+                f" (without a validation split, the first {HUB_VAL_DOCS} rows are validation)")
         else:
             if name is not None:
                 raise ValueError(f"name={name!r} picks a Hub dataset config; local data {self.source!r} has none")
@@ -137,21 +194,30 @@ class DocumentStream:
                                                                          features=features)
             else:
                 self._dataset = datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
-            self._holdout = True
+            self._holdout, self._strided = True, True
+            self._holdout_rule = f" (rows 0, {VAL_EVERY}, {2 * VAL_EVERY}, ... are validation)"
         self._state = {"epoch": 0, "row": 0, "dataset": None}  # row: next row of the underlying stream to read
-        self._check()
+        if check_key not in _CHECKED_HUB_STREAMS:
+            self._check()
+            if check_key is not None:
+                _CHECKED_HUB_STREAMS.add(check_key)
 
     @property
     def epoch(self) -> int:
         return self._state["epoch"]
 
     def _split_index(self, row: int) -> int | None:
-        """Index of underlying row `row` among the documents of this split, or None if it belongs to the other."""
+        """Index of underlying row `row` among the rows of this split, or None if it belongs to the other."""
         if not self._holdout:
             return row
         if self.split == "val":
             return row // VAL_EVERY if row % VAL_EVERY == 0 else None
         return row - row // VAL_EVERY - 1 if row % VAL_EVERY else None
+
+    def _mine(self, row: int) -> bool:
+        """Whether underlying row `row` is of this split and falls to this rank (an empty one is still skipped)."""
+        k = self._split_index(row)
+        return k is not None and (not self._strided or k % self.world_size == self.rank)
 
     def _read(self, dataset_state: dict | None) -> Iterator[dict]:
         self._dataset.load_state_dict(dataset_state)  # None: from the first row
@@ -167,22 +233,23 @@ class DocumentStream:
             if i == 0 and self.text_column not in row:
                 raise ValueError(f"{self.source!r} has no column {self.text_column!r}; its columns: {', '.join(row)}")
             n_rows += 1
-            text, k = row[self.text_column], self._split_index(i)
+            text = row[self.text_column]
             if text is not None and not isinstance(text, str):
                 raise ValueError(f"column {self.text_column!r} of {self.source!r} holds {type(text).__name__}, "
                                  "not text")
-            if k is None or not (text and text.strip()):
+            if self._split_index(i) is None or not (text and text.strip()):
                 continue
             n_docs += 1
-            if k % self.world_size == self.rank:
+            if self._mine(i):
                 return
+        # a stream split by `split_dataset_by_node` read only this rank's files (or rows)
+        share = "" if self._strided or self.world_size == 1 else f" for rank {self.rank} of {self.world_size}"
         if n_rows == 0:
-            raise ValueError(f"{self.source!r} has no rows")
+            rule = "" if self._holdout else self._holdout_rule  # a streamed split may have been skipped to its end
+            raise ValueError(f"the {self.split!r} split of {self.source!r} has no rows{share}{rule}")
         if n_docs == 0:
-            rule = (f"; without a validation split, rows 0, {VAL_EVERY}, {2 * VAL_EVERY}, ... are validation"
-                    if self._holdout else "")
             raise ValueError(f"the {self.split!r} split of {self.source!r} has no non-empty documents in column "
-                             f"{self.text_column!r} ({n_rows} rows read{rule})")
+                             f"{self.text_column!r}{share}: {n_rows} rows read{self._holdout_rule}")
         raise ValueError(f"rank {self.rank} of {self.world_size} gets none of the {n_docs} documents of the "
                          f"{self.split!r} split of {self.source!r}; use more data or fewer processes")
 
@@ -191,8 +258,8 @@ class DocumentStream:
             epoch, start = self._state["epoch"], self._state["row"]
             i = start - 1
             for i, row in enumerate(self._read(self._state["dataset"]), start=start):
-                text, k = row[self.text_column], self._split_index(i)
-                if k is not None and k % self.world_size == self.rank and text and text.strip():
+                text = row[self.text_column]
+                if self._mine(i) and text and text.strip():
                     self._state = {"epoch": epoch, "row": i + 1, "dataset": self._dataset.state_dict()}
                     yield text
             if not self.infinite:

@@ -8,12 +8,14 @@ from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import datasets
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from hfnanochat.data import VAL_EVERY, BOSBestFitLoader, evaluate_bpb, iter_documents
+import hfnanochat.data
+from hfnanochat.data import VAL_EVERY, BOSBestFitLoader, DocumentStream, evaluate_bpb, iter_documents
 
 WORDS = ("the king queen speak hear me now my lord good night sweet prince what is this a dagger I see before "
          "to be or not that question all world stage men women players exit entrance").split()
@@ -231,6 +233,105 @@ def test_bad_loader_arguments(tmp_path, bpe_tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# streamed (Hub) data: the same code path as a Hub id, fed with local parquet files opened by `load_dataset`
+
+N_FILES, ROWS_PER_FILE, HELD_OUT = 4, 20, 5
+
+
+@pytest.fixture
+def streamed(tmp_path, monkeypatch):
+    """Four parquet files opened like a Hub dataset (streaming, one shard per file); texts name their file and row.
+    The held-out block is shrunk from 50,000 documents to 5 so that it fits."""
+    monkeypatch.setattr(hfnanochat.data, "HUB_VAL_DOCS", HELD_OUT)
+    texts = [[f"f{f} r{i} " + t for i, t in enumerate(make_texts(ROWS_PER_FILE, seed=f))] for f in range(N_FILES)]
+    files = []
+    for f, file_texts in enumerate(texts):
+        files.append(str(tmp_path / f"part{f}.parquet"))
+        pq.write_table(pa.table({"text": file_texts}), files[-1], row_group_size=8)
+    splits = datasets.load_dataset("parquet", data_files=files, streaming=True)
+    assert splits["train"].num_shards == N_FILES
+    return splits, texts
+
+
+def read_epoch(stream, n):
+    """n documents, then check the training stream wraps to its first document."""
+    it = iter(stream)
+    docs = list(islice(it, n))
+    assert stream.epoch == 0 and next(it) == docs[0] and stream.epoch == 1
+    return docs
+
+
+def test_streamed_ranks_read_only_their_files(streamed):
+    splits, texts = streamed
+    streams = [DocumentStream(splits, rank=r, world_size=2) for r in range(2)]
+    # each rank's reader holds 2 of the 4 files: r, r+2 (rank 0's first file starts after the held-out block)
+    assert [s._dataset.num_shards for s in streams] == [2, 2]
+    expected = [texts[0][HELD_OUT:] + texts[2], texts[1] + texts[3]]
+    # read alternately: streams opened from the same splits must not share reading positions
+    its = [iter(s) for s in streams]
+    seen = [[], []]
+    for _ in range(len(expected[0])):
+        seen[0].append(next(its[0]))
+        seen[1].append(next(its[1]))
+    seen[1] += list(islice(its[1], len(expected[1]) - len(expected[0])))
+    assert seen == expected
+    assert next(its[1]) == texts[1][0] and streams[1].epoch == 1 and streams[0].epoch == 0
+    # validation: the first 5 documents, split row-wise whatever the number of ranks
+    val = [list(DocumentStream(splits, split="val", rank=r, world_size=2)) for r in range(2)]
+    assert val == [texts[0][0:HELD_OUT:2], texts[0][1:HELD_OUT:2]]
+    assert list(DocumentStream(splits, split="val")) == texts[0][:HELD_OUT]
+    everything = [t for file_texts in texts for t in file_texts]
+    assert sorted(seen[0] + seen[1] + val[0] + val[1]) == sorted(everything)  # disjoint, and nothing left out
+    assert read_epoch(DocumentStream(splits), len(everything) - HELD_OUT) == everything[HELD_OUT:]
+
+
+def test_streamed_falls_back_to_rows_when_files_do_not_divide(streamed):
+    splits, texts = streamed
+    everything = [t for file_texts in texts for t in file_texts]
+    for r in range(3):  # 4 files over 3 ranks: every rank reads all files and keeps every third training row
+        stream = DocumentStream(splits, rank=r, world_size=3)
+        assert stream._dataset.num_shards == N_FILES
+        share = everything[HELD_OUT:][r::3]
+        assert read_epoch(stream, len(share)) == share
+        assert list(DocumentStream(splits, split="val", rank=r, world_size=3)) == texts[0][r:HELD_OUT:3]
+
+
+def test_streamed_held_out_block_longer_than_first_file(streamed, monkeypatch):
+    splits, texts = streamed
+    monkeypatch.setattr(hfnanochat.data, "HUB_VAL_DOCS", ROWS_PER_FILE + 3)
+    # validation stops at the end of the first file; training skips 23 rows, so 3 rows of file 1 are in neither
+    assert list(DocumentStream(splits, split="val")) == texts[0]
+    train = [read_epoch(DocumentStream(splits, rank=r, world_size=2), n) for r, n in ((0, 20 - 3), (1, 40))]
+    assert train == [texts[2][3:], texts[1] + texts[3]]
+
+
+def test_streamed_own_validation_split(tmp_path, monkeypatch):
+    paths = {}
+    for split, n in (("train", 30), ("validation", 6)):
+        paths[split] = [str(tmp_path / f"{split}{f}.parquet") for f in range(2)]
+        for f, path in enumerate(paths[split]):
+            pq.write_table(pa.table({"body": [f"{split} {f} {i}" for i in range(n)]}), path)
+    splits = datasets.load_dataset("parquet", data_files=paths, streaming=True)
+    # no hold-out: all training rows train, and each rank reads one file of each split
+    assert read_epoch(DocumentStream(splits, text_column="body", rank=1, world_size=2), 30) == \
+        [f"train 1 {i}" for i in range(30)]
+    assert list(DocumentStream(splits, split="val", text_column="body", rank=1, world_size=2)) == \
+        [f"validation 1 {i}" for i in range(6)]
+    # a lone streamed dataset is a "train" split, so its first 50,000 rows are held out
+    with pytest.raises(ValueError, match="'train' split of .* has no rows .*first 50000 rows are validation"):
+        DocumentStream(splits["validation"], text_column="body")
+    monkeypatch.setattr(hfnanochat.data, "HUB_VAL_DOCS", 1)
+    lone = DocumentStream(splits["validation"], text_column="body")
+    assert read_epoch(lone, 12 - 1) == [f"validation {f} {i}" for f in range(2) for i in range(6)][1:]
+    with pytest.raises(ValueError, match="no column 'text'.*body"):
+        DocumentStream(splits)
+    with pytest.raises(ValueError, match="name='x' picks a Hub dataset config"):
+        DocumentStream(splits, text_column="body", name="x")
+    with pytest.raises(ValueError, match="source must be a path"):
+        DocumentStream(["a list"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # exact resume
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt"])
@@ -327,3 +428,22 @@ def test_evaluate_bpb_by_hand(tmp_path):
         assert evaluate_bpb(model, [(x1, y1), (x2, y2)], token_bytes) == pytest.approx(expected, rel=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_streamed_exact_resume(streamed, bpe_tokenizer, rank):
+    splits, _ = streamed
+
+    def new_loader():
+        return BOSBestFitLoader(bpe_tokenizer, DocumentStream(splits, rank=rank, world_size=2), batch_size=2,
+                                seq_len=32, buffer_size=10, tokenizer_batch_size=4)
+
+    loader = new_loader()
+    for _ in range(3):
+        next(loader)
+    state = json.loads(json.dumps(loader.state_dict()))
+    rest = [next(loader) for _ in range(20)]  # 35 or 40 documents of ~25 tokens: wraps into epoch 1
+    assert loader.epoch >= 1
+    resumed = new_loader()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, rx) and torch.equal(y, ry) for (x, y), (rx, ry) in zip(rest, resumed))
