@@ -40,8 +40,9 @@ def main():
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     device, world = accelerator.device, accelerator.num_processes
     torch.backends.cuda.matmul.allow_tf32 = True
-    config = config_for_depth(args.depth, vocab_size=args.vocab_size, max_seq_len=args.max_seq_len,
-                              window_pattern=args.window_pattern)
+    config = config_for_depth(
+        args.depth, vocab_size=args.vocab_size, max_seq_len=args.max_seq_len, window_pattern=args.window_pattern
+    )
     config._attn_implementation = args.attn
     model = HFNanoChatForCausalLM.from_config_on_device(config, device)
     model.config.use_cache = False
@@ -84,18 +85,27 @@ def main():
         if step >= args.warmup:
             step_times.append(t1 - t0)
             optim_times.append(t1 - t_opt)
-        accelerator.print(f"step {step}: {t1 - t0:.3f}s (optimizer {1000 * (t1 - t_opt):.1f} ms) loss {loss.item():.3f}")
+        accelerator.print(
+            f"step {step}: {t1 - t0:.3f}s (optimizer {1000 * (t1 - t_opt):.1f} ms) loss {loss.item():.3f}"
+        )
 
     dt = sorted(step_times)[len(step_times) // 2]  # median: robust to a stray slow step
     tok_per_sec = args.total_batch_size / dt
     peak = peak_flops(device)
     result = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        world_size=world, depth=args.depth, seq=args.max_seq_len, device_batch=args.device_batch_size,
-        grad_accum=grad_accum, window_pattern=args.window_pattern, attn=args.attn, compile=not args.no_compile,
+        world_size=world,
+        depth=args.depth,
+        seq=args.max_seq_len,
+        device_batch=args.device_batch_size,
+        grad_accum=grad_accum,
+        window_pattern=args.window_pattern,
+        attn=args.attn,
+        compile=not args.no_compile,
         loss_chunk_size=args.loss_chunk_size,
         params=sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
-        step_s=dt, tok_per_sec=tok_per_sec,
+        step_s=dt,
+        tok_per_sec=tok_per_sec,
         mfu_pct=100 * flops_per_token * tok_per_sec / (peak * world) if peak else None,
         optimizer_share_pct=100 * sorted(optim_times)[len(optim_times) // 2] / dt,
         peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

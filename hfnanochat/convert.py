@@ -53,7 +53,14 @@ def hf_to_native(in_dir: str | Path, out_dir: str | Path) -> Path:
         raise ValueError(f"no *.safetensors weights found in {in_dir}")
     expected = {"model.embed_tokens.weight", "lm_head.weight"}
     for i in range(config.num_hidden_layers):
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.fc1", "mlp.fc2"):
+        for name in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.fc1",
+            "mlp.fc2",
+        ):
             expected.add(f"model.layers.{i}.{name}.weight")
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -99,7 +106,9 @@ def hf_to_native(in_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def _latest_step(ckpt_dir: Path) -> int:
-    steps = sorted(int(m.group(1)) for p in ckpt_dir.glob("model_*.pt") if (m := re.fullmatch(r"model_(\d+)\.pt", p.name)))
+    steps = sorted(
+        int(m.group(1)) for p in ckpt_dir.glob("model_*.pt") if (m := re.fullmatch(r"model_(\d+)\.pt", p.name))
+    )
     if not steps:
         raise ValueError(f"no model_NNNNNN.pt files in {ckpt_dir}")
     return steps[-1]
@@ -135,7 +144,9 @@ def nanochat_state_dict_to_hf(state: dict[str, torch.Tensor], config: HFNanoChat
     missing = sorted(k for k in renames if k not in state)
     unknown = sorted(k for k in state if k not in renames)
     if missing or unknown:
-        raise ValueError(f"nanochat checkpoint does not match its config: missing keys {missing[:8]}, unknown keys {unknown[:8]}")
+        raise ValueError(
+            f"nanochat checkpoint does not match its config: missing keys {missing[:8]}, unknown keys {unknown[:8]}"
+        )
     out = {}
     for theirs, ours in renames.items():
         tensor = state[theirs]
@@ -235,7 +246,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     alphabet = ByteLevel.alphabet()
     # GPT-2's byte -> printable character map (the one ByteLevel uses): printable latin-1 bytes map to themselves,
     # the rest to 256 + n in byte order.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping, n = {}, 0
     for b in range(256):
         if b in printable:
@@ -277,7 +290,9 @@ def nanochat_to_hf(
         with open(pkl, "rb") as f:
             tokenizer = tiktoken_to_hf_tokenizer(pickle.load(f))
         if len(tokenizer) != config.vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the checkpoint's vocab_size is {config.vocab_size}")
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens but the checkpoint's vocab_size is {config.vocab_size}"
+            )
         config.bos_token_id = tokenizer.bos_token_id
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id

@@ -438,7 +438,9 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             total = total + torch.utils.checkpoint.checkpoint(
-                self._loss_sum, hidden[start : start + chunk_size], targets[start : start + chunk_size],
+                self._loss_sum,
+                hidden[start : start + chunk_size],
+                targets[start : start + chunk_size],
                 use_reentrant=False,
             )
         count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum().clamp(min=1)

@@ -16,8 +16,24 @@ import warnings
 from pathlib import Path
 
 # modules whose import has side effects (GUI, tests, interpreter internals) or is slow
-SKIP_PREFIXES = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "ensurepip", "venv",
-                 "pydoc_data", "__", "_", "xxsubtype", "multiprocessing.popen", "asyncio.__main__", "sre_")
+SKIP_PREFIXES = (
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "antigravity",
+    "this",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+    "pydoc_data",
+    "__",
+    "_",
+    "xxsubtype",
+    "multiprocessing.popen",
+    "asyncio.__main__",
+    "sre_",
+)
 MIN_DOC_CHARS = 200  # shorter docstrings are mostly signatures, not prose
 
 

@@ -213,12 +213,18 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_lerp_(bufs_local, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, bufs_local, momentum) if group["nesterov"] else bufs_local
         if sharded:
-            updates = [DTensor.from_local(u, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
-                       for u, p in zip(updates, params)]
+            updates = [
+                DTensor.from_local(u, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+                for u, p in zip(updates, params)
+            ]
         ortho = list(self._orthogonalize_shared(torch.stack(updates), group["ns_method"], group["ns_steps"]).unbind(0))
         if sharded:  # back to this rank's rows: Replicate -> Shard is a local slice, no communication
-            ortho = [DTensor.from_local(o, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
-                     .redistribute(p.device_mesh, p.placements).to_local() for o, p in zip(ortho, params)]
+            ortho = [
+                DTensor.from_local(o, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+                .redistribute(p.device_mesh, p.placements)
+                .to_local()
+                for o, p in zip(ortho, params)
+            ]
         lr, wd = group["lr"], group["weight_decay"]
         rows, cols = params[0].shape
         if wd != 0:
@@ -265,10 +271,20 @@ class MuonAdamW(torch.optim.Optimizer):
             steps.append(state["step"])
         beta1, beta2 = group["betas"]
         _functional_adamw(
-            params, [p.grad for p in params], exp_avgs, exp_avg_sqs, [], steps,
+            params,
+            [p.grad for p in params],
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
             fused=fused or None,  # None: torch picks foreach/for-loop by device, exactly as torch.optim.AdamW does
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=False,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
         )
 
 
@@ -307,15 +323,18 @@ def build_optimizer(
     unknown = sorted(set(groups) - set(PARAM_GROUP_KEYS))
     missing = sorted(set(REQUIRED_GROUP_KEYS) - set(groups))
     if unknown or missing:
-        raise ValueError(f"optimizer_param_groups() keys: unknown {unknown}, missing {missing}; "
-                         f"expected {list(PARAM_GROUP_KEYS)}")
+        raise ValueError(
+            f"optimizer_param_groups() keys: unknown {unknown}, missing {missing}; expected {list(PARAM_GROUP_KEYS)}"
+        )
     names = {id(p): n for n, p in model.named_parameters()}
     owner = {}
     for key, params in groups.items():
         for p in params:
             if id(p) in owner:
-                raise ValueError(f"parameter {names.get(id(p), tuple(p.shape))} is in both the "
-                                 f"'{owner[id(p)]}' and '{key}' optimizer groups")
+                raise ValueError(
+                    f"parameter {names.get(id(p), tuple(p.shape))} is in both the "
+                    f"'{owner[id(p)]}' and '{key}' optimizer groups"
+                )
             owner[id(p)] = key
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in owner:
@@ -327,22 +346,47 @@ def build_optimizer(
     beta1, beta2 = adam_betas
     adam = dict(kind="adamw", eps=1e-10)
     param_groups = [
-        dict(adam, name="lm_head", params=groups["lm_head"], lr=unembedding_lr * s * lr_scale, betas=adam_betas,
-             weight_decay=0.0),
-        dict(adam, name="embedding", params=groups["embedding"], lr=embedding_lr * s * lr_scale, betas=adam_betas,
-             weight_decay=0.0),
-        dict(adam, name="value_embedding", params=groups["value_embedding"], lr=embedding_lr * s * 0.5 * lr_scale,
-             betas=adam_betas, weight_decay=0.0),
+        dict(
+            adam,
+            name="lm_head",
+            params=groups["lm_head"],
+            lr=unembedding_lr * s * lr_scale,
+            betas=adam_betas,
+            weight_decay=0.0,
+        ),
+        dict(
+            adam,
+            name="embedding",
+            params=groups["embedding"],
+            lr=embedding_lr * s * lr_scale,
+            betas=adam_betas,
+            weight_decay=0.0,
+        ),
+        dict(
+            adam,
+            name="value_embedding",
+            params=groups["value_embedding"],
+            lr=embedding_lr * s * 0.5 * lr_scale,
+            betas=adam_betas,
+            weight_decay=0.0,
+        ),
     ]
     scalars = defaultdict(list)
     for p in groups["scalar"]:
         name = names.get(id(p), "")
         scalars["resid" if "resid_lambda" in name else "x0" if "x0_lambda" in name else "other"].append(p)
     param_groups += [
-        dict(adam, name="resid_lambdas", params=scalars["resid"], lr=scalar_lr * 0.01 * lr_scale, betas=(0.8, 0.95),
-             weight_decay=0.05),
-        dict(adam, name="x0_lambdas", params=scalars["x0"], lr=scalar_lr * lr_scale, betas=(0.96, 0.95),
-             weight_decay=0.0),
+        dict(
+            adam,
+            name="resid_lambdas",
+            params=scalars["resid"],
+            lr=scalar_lr * 0.01 * lr_scale,
+            betas=(0.8, 0.95),
+            weight_decay=0.05,
+        ),
+        dict(
+            adam, name="x0_lambdas", params=scalars["x0"], lr=scalar_lr * lr_scale, betas=(0.96, 0.95), weight_decay=0.0
+        ),
         dict(adam, name="scalars", params=scalars["other"], lr=0.2, betas=(0.8, 0.95), weight_decay=0.0),
     ]
     by_shape = defaultdict(list)
@@ -351,9 +395,19 @@ def build_optimizer(
             raise ValueError(f"'matrix' parameter {names.get(id(p), '?')} has shape {tuple(p.shape)}; Muon needs 2-D")
         by_shape[tuple(p.shape)].append(p)
     for shape in sorted(by_shape):
-        param_groups.append(dict(kind="muon", name=f"matrix_{shape[0]}x{shape[1]}", params=by_shape[shape],
-                                 lr=matrix_lr * lr_scale, momentum=0.95, nesterov=True, ns_method=ns_method,
-                                 ns_steps=5, weight_decay=weight_decay))
+        param_groups.append(
+            dict(
+                kind="muon",
+                name=f"matrix_{shape[0]}x{shape[1]}",
+                params=by_shape[shape],
+                lr=matrix_lr * lr_scale,
+                momentum=0.95,
+                nesterov=True,
+                ns_method=ns_method,
+                ns_steps=5,
+                weight_decay=weight_decay,
+            )
+        )
     return MuonAdamW([g for g in param_groups if g["params"]])
 
 
@@ -369,8 +423,10 @@ class MuonAdamWFactory:
 # -----------------------------------------------------------------------------
 # Schedules (functions of the step; nanochat sets group["lr"] by hand each step instead of using scheduler objects)
 
-def lr_multiplier(step: int, num_iterations: int, warmup_steps: int = 0, warmdown_ratio: float = 0.2,
-                  final_lr_frac: float = 0.0) -> float:
+
+def lr_multiplier(
+    step: int, num_iterations: int, warmup_steps: int = 0, warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0
+) -> float:
     """nanochat's LR multiplier: linear warm-up over `warmup_steps`, flat, then linear warm-down over the last
     `warmdown_ratio` of the steps to `final_lr_frac`. Seed: no warm-up, last 20% to 0 (d20: flat through step 17,120
     of 21,400). 2026: warm-up 40 steps, last 65% to 0.05."""
@@ -402,9 +458,18 @@ def weight_decay_multiplier(step: int, num_iterations: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / num_iterations))
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, step: int, num_iterations: int, *, warmup_steps: int = 0,
-                   warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0, momentum_warmup_steps: int = 300,
-                   momentum_start: float = 0.85, momentum_end: float = 0.95) -> dict[str, float]:
+def apply_schedule(
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    num_iterations: int,
+    *,
+    warmup_steps: int = 0,
+    warmdown_ratio: float = 0.2,
+    final_lr_frac: float = 0.0,
+    momentum_warmup_steps: int = 300,
+    momentum_start: float = 0.85,
+    momentum_end: float = 0.95,
+) -> dict[str, float]:
     """Set every group's lr to `initial_lr * lr_multiplier(step)`, and on Muon groups the momentum and the weight decay
     (`initial_weight_decay * weight_decay_multiplier(step)`; a no-op at the seed's 0). Works on an Accelerate-wrapped
     optimizer too (it only touches `param_groups`). Returns the values, for logging."""

@@ -1,13 +1,11 @@
 """The model as a transformers citizen: shapes, loss, init, generation/cache/padding, save/load, fidelity."""
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-import hfnanochat
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
 
 from nanochat_reference import nanochat_forward, random_nanochat_state_dict

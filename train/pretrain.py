@@ -76,13 +76,19 @@ DEFAULT_DATA = "HuggingFaceFW/fineweb-edu"  # the seed's pretraining data
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults for a tier; explicit flags win")
     # model
     p.add_argument("--depth", type=int, default=20, help="layers; width = 64 * depth")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--window-pattern", default="L", help="2026 sliding windows, e.g. SSSL (L = full context)")
-    p.add_argument("--arch-2026", action="store_true", help="value embeddings, residual scalars, qk x1.2, smear, backout, RoPE 100k")
+    p.add_argument(
+        "--arch-2026",
+        action="store_true",
+        help="value embeddings, residual scalars, qk x1.2, smear, backout, RoPE 100k",
+    )
     # batch and horizon
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per GPU per micro-step")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (2**19)")
@@ -99,8 +105,12 @@ def parse_args(argv=None):
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="linear decay over the last fraction of steps")
     p.add_argument("--final-lr-frac", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
-    p.add_argument("--loss-chunk-size", type=int, default=0,
-                   help="compute head + loss this many tokens at a time (saves the fp32 logits' memory); 0: off")
+    p.add_argument(
+        "--loss-chunk-size",
+        type=int,
+        default=0,
+        help="compute head + loss this many tokens at a time (saves the fp32 logits' memory); 0: off",
+    )
     # data
     p.add_argument("--data", default=DEFAULT_DATA, help="Hub dataset id or local txt/jsonl/parquet path")
     p.add_argument("--data-name", default=None, help="config name of a Hub dataset (FineWeb-EDU: sample-10BT)")
@@ -116,7 +126,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="latest", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--out", default="out/pretrain")
     p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on GPU)")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on GPU)"
+    )
     p.add_argument("--core", action=argparse.BooleanOptionalAction, default=True, help="CORE at the end when available")
     p.add_argument("--seed", type=int, default=42)
     # A preset replaces the defaults, so every flag given on the command line still wins, in any spelling argparse
@@ -130,11 +142,23 @@ def parse_args(argv=None):
 def model_config(args, tokenizer) -> HFNanoChatConfig:
     options = {}
     if args.arch_2026:
-        options = dict(value_embeddings=True, residual_scalars=True, qk_scale=1.2, smear=True, backout=True,
-                       init_scheme="2026", rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+        options = dict(
+            value_embeddings=True,
+            residual_scalars=True,
+            qk_scale=1.2,
+            smear=True,
+            backout=True,
+            init_scheme="2026",
+            rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        )
     return config_for_depth(
-        args.depth, vocab_size=len(tokenizer), max_seq_len=args.max_seq_len, window_pattern=args.window_pattern,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        args.depth,
+        vocab_size=len(tokenizer),
+        max_seq_len=args.max_seq_len,
+        window_pattern=args.window_pattern,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         **options,
     )
 
@@ -174,17 +198,27 @@ def find_checkpoint(out: Path, resume: str) -> Path:
 
 # config field -> the flag that sets it, so that a mismatch says what to change
 RESUME_FIELDS = {
-    "vocab_size": "--tokenizer", "hidden_size": "--depth", "num_hidden_layers": "--depth",
-    "num_attention_heads": "--depth", "num_key_value_heads": "--depth", "max_position_embeddings": "--max-seq-len",
-    "window_pattern": "--window-pattern", "value_embeddings": "--arch-2026", "residual_scalars": "--arch-2026",
-    "smear": "--arch-2026", "backout": "--arch-2026",
+    "vocab_size": "--tokenizer",
+    "hidden_size": "--depth",
+    "num_hidden_layers": "--depth",
+    "num_attention_heads": "--depth",
+    "num_key_value_heads": "--depth",
+    "max_position_embeddings": "--max-seq-len",
+    "window_pattern": "--window-pattern",
+    "value_embeddings": "--arch-2026",
+    "residual_scalars": "--arch-2026",
+    "smear": "--arch-2026",
+    "backout": "--arch-2026",
 }
 
 
 def check_resume_config(path: Path, config: HFNanoChatConfig, args):
     saved = HFNanoChatConfig.from_pretrained(path / "model")
-    diff = [f"{f} ({flag}): checkpoint {getattr(saved, f)!r} vs now {getattr(config, f)!r}"
-            for f, flag in RESUME_FIELDS.items() if getattr(saved, f) != getattr(config, f)]
+    diff = [
+        f"{f} ({flag}): checkpoint {getattr(saved, f)!r} vs now {getattr(config, f)!r}"
+        for f, flag in RESUME_FIELDS.items()
+        if getattr(saved, f) != getattr(config, f)
+    ]
     state = json.loads((path / "trainer_state.json").read_text())
     for key in ("total_batch_size", "max_seq_len", "data_streams"):
         if state["args"][key] != getattr(args, key):
@@ -234,9 +268,13 @@ def main(argv=None):
     accelerator.gradient_accumulation_steps = grad_accum
     streams = list(range(rank, args.data_streams, world))
     if grad_accum % len(streams):
-        raise ValueError(f"gradient accumulation {grad_accum} must be a multiple of the {len(streams)} data streams per process")
+        raise ValueError(
+            f"gradient accumulation {grad_accum} must be a multiple of the {len(streams)} data streams per process"
+        )
     if not Path(args.tokenizer).exists():
-        raise ValueError(f"--tokenizer {args.tokenizer} does not exist; train one with train/tokenizer.py --out {args.tokenizer}")
+        raise ValueError(
+            f"--tokenizer {args.tokenizer} does not exist; train one with train/tokenizer.py --out {args.tokenizer}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     token_bytes = load_token_bytes(args.tokenizer).to(device)
     config = model_config(args, tokenizer)
@@ -247,8 +285,14 @@ def main(argv=None):
         args.data_name = "sample-10BT"  # the 10B-token sample of FineWeb-EDU: more than a d20 run reads
 
     def make_loader(split, stream, num_streams):
-        documents = DocumentStream(args.data, split=split, text_column=args.text_column, name=args.data_name,
-                                   rank=stream, world_size=num_streams)
+        documents = DocumentStream(
+            args.data,
+            split=split,
+            text_column=args.text_column,
+            name=args.data_name,
+            rank=stream,
+            world_size=num_streams,
+        )
         return BOSBestFitLoader(tokenizer, documents, args.device_batch_size, args.max_seq_len, device=device)
 
     train_loaders = [make_loader("train", s, args.data_streams) for s in streams]  # raises on bad --data/column
@@ -258,9 +302,14 @@ def main(argv=None):
     model.config.use_cache = False
     flops_per_token = model.estimate_flops(args.max_seq_len)
     steps = num_steps(args, model, flops_per_token)
-    optimizer = build_optimizer(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
-                                unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,
-                                weight_decay=args.weight_decay)
+    optimizer = build_optimizer(
+        model,
+        matrix_lr=args.matrix_lr,
+        embedding_lr=args.embedding_lr,
+        unembedding_lr=args.unembedding_lr,
+        scalar_lr=args.scalar_lr,
+        weight_decay=args.weight_decay,
+    )
     if args.compile:
         model = torch.compile(model, dynamic=False)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -321,7 +370,10 @@ def main(argv=None):
         f"grad accumulation {grad_accum}, "
         f"{steps} steps x {args.total_batch_size:,} tokens = {steps * args.total_batch_size:,} tokens"
     )
-    accelerator.init_trackers("hfnanochat-pretrain", config={k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))})
+    accelerator.init_trackers(
+        "hfnanochat-pretrain",
+        config={k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))},
+    )
     metrics_file = out / "metrics.jsonl"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -339,8 +391,10 @@ def main(argv=None):
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
         if n.item() == 0:
-            raise ValueError(f"the validation split of {args.data} is too small for one batch of "
-                             f"{args.device_batch_size} x {args.max_seq_len} tokens")
+            raise ValueError(
+                f"the validation split of {args.data} is too small for one batch of "
+                f"{args.device_batch_size} x {args.max_seq_len} tokens"
+            )
         batches = [batch for stream_batches in per_stream for batch in stream_batches[: n.item()]]
         with torch.no_grad(), accelerator.autocast():
             bpb = evaluate_bpb(raw_model, batches, token_bytes)
@@ -350,18 +404,28 @@ def main(argv=None):
     def sample():
         raw_model.eval()
         for prompt in SAMPLE_PROMPTS:
-            ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)], device=device)
+            ids = torch.tensor(
+                [[tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)], device=device
+            )
             with torch.no_grad(), accelerator.autocast():
-                outp = raw_model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=True,
-                                          eos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+                outp = raw_model.generate(
+                    ids,
+                    max_new_tokens=16,
+                    do_sample=False,
+                    use_cache=True,
+                    eos_token_id=tokenizer.bos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             accelerator.print(f"  {tokenizer.decode(outp[0, 1:])!r}")
         raw_model.train()
 
     def stop(reason: str):
         bar.close()  # stop() is only called from inside the loop, where the bar exists
         good = [p for p in checkpoints(out) if is_complete(p)]
-        accelerator.print(f"{reason}; stopping. The last good checkpoint is "
-                          + (f"{good[-1]}: resume from it with a lower LR" if good else "none: none was saved yet"))
+        accelerator.print(
+            f"{reason}; stopping. The last good checkpoint is "
+            + (f"{good[-1]}: resume from it with a lower LR" if good else "none: none was saved yet")
+        )
         accelerator.end_training()
         sys.exit(1)
 
@@ -413,7 +477,11 @@ def main(argv=None):
             accelerator.log({"val/bpb": val_bpb}, step=step)
         # samples come from the main process; under FSDP every rank must join the sharded forwards (same greedy
         # tokens everywhere, so the same number of them)
-        if (accelerator.is_main_process or fsdp) and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+        if (
+            (accelerator.is_main_process or fsdp)
+            and args.sample_every > 0
+            and (last_step or (step > 0 and step % args.sample_every == 0))
+        ):
             sample()
         if step > 0 and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
             if not (resume_state and step == resume_state["step"]):
@@ -421,8 +489,14 @@ def main(argv=None):
         if last_step:
             break
 
-        schedule = apply_schedule(optimizer, step, steps, warmup_steps=args.warmup_steps,
-                                  warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac)
+        schedule = apply_schedule(
+            optimizer,
+            step,
+            steps,
+            warmup_steps=args.warmup_steps,
+            warmdown_ratio=args.warmdown_ratio,
+            final_lr_frac=args.final_lr_frac,
+        )
         t0 = time.time()
         step_loss = torch.zeros((), device=device)
         for micro in range(grad_accum):
@@ -449,14 +523,25 @@ def main(argv=None):
         debiased = smooth_loss / (1 - 0.9**step)
         tok_per_sec = args.total_batch_size / dt
         mfu = 100 * flops_per_token * tok_per_sec / (peak * world) if peak else None
-        record = dict(step=step, loss=step_loss, smooth_loss=debiased, lrm=schedule["lrm"], dt=dt, tok_per_sec=tok_per_sec,
-                      mfu=mfu, val_bpb=val_bpb, total_time=total_time)
+        record = dict(
+            step=step,
+            loss=step_loss,
+            smooth_loss=debiased,
+            lrm=schedule["lrm"],
+            dt=dt,
+            tok_per_sec=tok_per_sec,
+            mfu=mfu,
+            val_bpb=val_bpb,
+            total_time=total_time,
+        )
         if accelerator.is_main_process:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
         accelerator.log({f"train/{k}": v for k, v in record.items() if v is not None}, step=step)
-        bar.set_postfix_str(f"loss {debiased:.4f} | bpb {val_bpb or float('nan'):.4f} | {tok_per_sec:,.0f} tok/s"
-                            + (f" | MFU {mfu:.1f}%" if mfu is not None else ""))
+        bar.set_postfix_str(
+            f"loss {debiased:.4f} | bpb {val_bpb or float('nan'):.4f} | {tok_per_sec:,.0f} tok/s"
+            + (f" | MFU {mfu:.1f}%" if mfu is not None else "")
+        )
         bar.update(1)
     bar.close()
 
