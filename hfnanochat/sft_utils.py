@@ -6,10 +6,15 @@ Notable:
   scheduler inside `train()`, once it knows the step count (after packing), and never calls our `apply_schedule`. Ours
   is a `LambdaLR` over each group's `initial_lr` (so Muon and every AdamW group keep their own rates) with nanochat's
   `lr_multiplier`, and its `step()` also sets the Muon momentum. It is saved and restored with the checkpoint like any
-  scheduler, and `learning_rate` in the logs is the real one.
+  scheduler, and `learning_rate` in the logs is the real one. `_load_optimizer_and_scheduler` is overridden too: a
+  resume keeps this run's rates (the checkpoint's state carries the old ones), so "resume with a lower learning rate"
+  after a divergence really trains at the lower rates.
 - Optimizers: Muon + AdamW at nanochat's rates (`MuonAdamWFactory` through `optimizer_cls_and_kwargs`, built after
   the model is wrapped), or transformers' AdamW at one rate (`--optimizer adamw`), or LoRA adapters (PEFT) trained
-  with AdamW. No gradient clipping: nanochat clips only in pretraining.
+  with AdamW. No gradient clipping: nanochat clips only in pretraining. A rate flag the chosen optimizer would
+  ignore (`--lr` with Muon, `--matrix-lr` with AdamW, `--lora-rank` without `--lora`) is a ValueError.
+- `--max-rows` stops every part of the mixture at its share, so a quick run keeps the recipe's proportions.
+- A non-finite loss stops the run without saving that step's checkpoint: `--resume` picks the last good one.
 - The final folder is what the next stage loads: weights (LoRA merged in; the adapter is kept next to it), tokenizer
   with the chat template, `token_bytes.pt`, `generation_config.json` that stops on `<|assistant_end|>`.
 """
@@ -49,6 +54,9 @@ class NanochatSchedule(LambdaLR):
 
     def step(self, epoch=None):
         super().step(epoch)
+        self.set_momentum()
+
+    def set_momentum(self):
         momentum = muon_momentum(self.last_epoch, self.momentum_warmup_steps)
         for group in self.optimizer.param_groups:
             if group.get("kind") == "muon":
@@ -70,6 +78,21 @@ class NanochatSFTTrainer(SFTTrainer):
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Resume with this run's rates: the checkpoint's optimizer groups and scheduler `base_lrs` hold the old run's,
+        and loading them would silently undo a lower `--matrix-lr` / `--lr` given to get past a divergence. Moments,
+        step count and data position still come from the checkpoint."""
+        fresh = [{k: g[k] for k in ("initial_lr", "initial_weight_decay") if k in g}
+                 for g in self.optimizer.param_groups]
+        super()._load_optimizer_and_scheduler(checkpoint)
+        schedule, step = self.lr_scheduler, self.lr_scheduler.last_epoch
+        for group, rates, multiplier in zip(self.optimizer.param_groups, fresh, schedule.lr_lambdas, strict=True):
+            group.update(rates)
+            group["lr"] = group["initial_lr"] * multiplier(step)
+        schedule.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what the next log reports
+        schedule.set_momentum()  # from this run's --momentum-warmup-steps
+
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep the records of steps <= `step` (a resumed run redoes the later ones); a line cut by a crash goes too."""
@@ -84,11 +107,14 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 class MetricsCallback(TrainerCallback):
-    """OUT/metrics.jsonl like pretraining: one JSON object per step (step, loss, lrm, lr, tokens/s, ...). A non-finite
-    loss stops the run (`failed` says why) instead of training on."""
+    """OUT/metrics.jsonl like pretraining: one JSON object per step (step, loss, lrm, lr, tokens/s, ...). `lr` is
+    group 0's rate (Trainer's `learning_rate`): the lm_head AdamW group under Muon, the one rate under AdamW. `lrm` is
+    the schedule's multiplier, read from the first group with a non-zero rate (`--unembedding-lr 0` makes group 0's
+    zero). A non-finite loss stops the run (`failed` says why) and cancels that step's checkpoint, so that `--resume`
+    picks the last good one."""
 
     def __init__(self, path: Path):
-        self.path, self.failed = Path(path), None
+        self.path, self.failed, self.lrm = Path(path), None, None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -97,13 +123,17 @@ class MetricsCallback(TrainerCallback):
                 truncate_metrics(self.path, state.global_step)
         self.t0, self.tokens0 = time.time(), None
 
-    def on_log(self, args, state, control, logs=None, lr_scheduler=None, **kwargs):
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # the rates this step used: by the time of the log the scheduler has moved on to the next step's
+        self.lrm = next((g["lr"] / g["initial_lr"] for g in optimizer.param_groups if g["initial_lr"]), None)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:  # the end-of-training summary has train_loss instead
             return
         now = time.time()
         dt = now - self.t0
         tokens = logs.get("num_tokens")
-        record = dict(step=state.global_step, loss=logs["loss"], lrm=logs["learning_rate"] / lr_scheduler.base_lrs[0],
+        record = dict(step=state.global_step, loss=logs["loss"], lrm=self.lrm,
                       lr=logs["learning_rate"], mean_token_accuracy=logs.get("mean_token_accuracy"), num_tokens=tokens,
                       dt=dt, tok_per_sec=(tokens - self.tokens0) / dt if None not in (tokens, self.tokens0) else None,
                       epoch=logs.get("epoch"))
@@ -114,6 +144,7 @@ class MetricsCallback(TrainerCallback):
         if not math.isfinite(logs["loss"]):
             self.failed = f"step {state.global_step}: loss is {logs['loss']}"
             control.should_training_stop = True
+            control.should_save = False  # set by the default flow on a save step, before this log
 
 
 def add_common_arguments(p: argparse.ArgumentParser, adamw_lr: float) -> None:
@@ -129,23 +160,29 @@ def add_common_arguments(p: argparse.ArgumentParser, adamw_lr: float) -> None:
     p.add_argument("--source", action="append", default=[], metavar="TASK=PATH",
                    help=f"local copy (file or folder) of a public dataset, TASK in {', '.join(SOURCES)}")
     p.add_argument("--identity", action="store_true", help="add identity conversations (who the model is)")
-    p.add_argument("--identity-name", default="nanochat", help="the name the identity conversations give the model")
+    p.add_argument("--identity-name", default=None,
+                   help="the name the generated identity conversations give the model (default nanochat)")
     p.add_argument("--identity-file", default=None, help="JSONL of identity conversations instead of the generated")
     p.add_argument("--spelling", action="store_true", help="add nanochat's SimpleSpelling + SpellingBee tasks")
-    p.add_argument("--max-rows", type=int, default=None, help="train on at most this many conversations (quick runs)")
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="train on at most this many conversations, each part of the mixture cut to its share of them "
+                   "(quick runs)")
     p.add_argument("--num-proc", type=int, default=max(1, min(16, (os.cpu_count() or 2) // 2)),
                    help="processes for dataset preparation (568K conversations take minutes on one)")
     # optimizer
     p.add_argument("--optimizer", choices=["muon", "adamw"], default=None,
                    help="muon: Muon + AdamW at nanochat's rates (the default); adamw: one AdamW at --lr "
                    "(the default with --lora)")
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon")
-    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW, scaled by (d/768)^-0.5")
-    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW, scaled by (d/768)^-0.5")
+    # None = not given: the Muon rates default to build_optimizer's, and a rate the optimizer would ignore raises
+    p.add_argument("--matrix-lr", type=float, default=None, help="--optimizer muon: Muon's rate (default 0.02)")
+    p.add_argument("--embedding-lr", type=float, default=None,
+                   help="--optimizer muon: AdamW rate of the embeddings, scaled by (d/768)^-0.5 (default 0.2)")
+    p.add_argument("--unembedding-lr", type=float, default=None,
+                   help="--optimizer muon: AdamW rate of lm_head, scaled by (d/768)^-0.5 (default 0.004)")
     p.add_argument("--lr", type=float, default=None, help=f"--optimizer adamw rate (default {adamw_lr:g}; LoRA 10x)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT) instead of all weights")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-alpha", type=int, default=32, help="adapter scale alpha/rank")
+    p.add_argument("--lora-rank", type=int, default=None, help="--lora: adapter rank (default 16)")
+    p.add_argument("--lora-alpha", type=int, default=None, help="--lora: adapter scale alpha/rank (default 32)")
     # run
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: no checkpoints)")
@@ -184,18 +221,48 @@ def load_model(path: str):
     return model, tokenizer
 
 
-def extra_parts(args, identity_copies: int, spelling_sizes: tuple[int, int]) -> list[tuple[str, object]]:
-    """(name, Dataset) of the user's files (checked strictly), identity conversations and the spelling tasks, as the
-    flags ask."""
-    parts = [(path, tasks.jsonl_conversations(path)) for path in args.data or []]
-    if args.identity or args.identity_file:
-        size = min(1000, args.max_rows or 1000)  # nanochat's file holds ~1,000 conversations
-        identity = tasks.identity(args.identity_name, size=size, path=args.identity_file)
-        parts += [("identity", identity)] * identity_copies
+def head(rows, stop: int | None):
+    """The first `stop` rows (None: all)."""
+    return rows if stop is None else rows.select(range(min(stop, len(rows))))
+
+
+def extra_parts(args, identity_copies: int, spelling_sizes: tuple[int, int]) -> list[tuple[str, int, object]]:
+    """(name, size, load) of the user's files, identity conversations and the spelling tasks, as the flags ask, for
+    `load_parts`. Files are read (and checked strictly) now: their length sets their share of the mixture."""
+    if args.identity_name is not None and (args.identity_file or not args.identity):
+        raise ValueError("--identity-name names the generated identity conversations: it needs --identity and no "
+                         "--identity-file")
+    parts = []
+    for path in args.data or []:
+        rows = tasks.jsonl_conversations(path)
+        parts.append((path, len(rows), functools.partial(head, rows)))
+    if args.identity_file:
+        rows = tasks.identity(path=args.identity_file)
+        parts += [("identity", len(rows), functools.partial(head, rows))] * identity_copies
+    elif args.identity:
+        name = "nanochat" if args.identity_name is None else args.identity_name
+        # nanochat's file holds ~1,000 conversations
+        parts += [("identity", 1000, lambda stop: tasks.identity(name, size=stop or 1000))] * identity_copies
     if args.spelling:
-        simple, bee = (min(n, args.max_rows or n) for n in spelling_sizes)
-        parts += [("SimpleSpelling", tasks.simple_spelling(simple)), ("SpellingBee", tasks.spelling_bee(bee))]
+        simple, bee = spelling_sizes
+        parts += [("SimpleSpelling", simple, lambda stop: tasks.simple_spelling(stop or simple)),
+                  ("SpellingBee", bee, lambda stop: tasks.spelling_bee(stop or bee))]
     return parts
+
+
+def load_parts(parts: list[tuple[str, int, object]], max_rows: int | None) -> list[tuple[str, object]]:
+    """(name, Dataset) of each (name, size, load) part of a mixture; `size` is the part's rows in the full recipe and
+    `load(stop)` builds its first `stop` (None: the recipe's amount). Under `--max-rows` each part stops at its share of
+    max_rows, rounded up (the shuffled mixture is then cut to max_rows), so a quick run keeps the recipe's
+    proportions; stopping the parts rather than only the mixture spares converting 460K SmolTalk rows to keep 100."""
+    if not parts:
+        raise ValueError("nothing to train on: --no-recipe needs --data, --identity or --spelling")
+    if max_rows is None:
+        return [(name, load(None)) for name, _, load in parts]
+    if max_rows < 1:
+        raise ValueError(f"--max-rows {max_rows}: must be at least 1")
+    total = sum(size for _, size, _ in parts)
+    return [(name, load(min(size, math.ceil(max_rows * size / total)))) for name, size, load in parts]
 
 
 def optimizer_options(args, lr_scale: float) -> tuple[dict, dict]:
@@ -203,14 +270,26 @@ def optimizer_options(args, lr_scale: float) -> tuple[dict, dict]:
     optimizer = args.optimizer or ("adamw" if args.lora else "muon")
     if args.lora and optimizer == "muon":
         raise ValueError("--lora trains adapters with AdamW; Muon would orthogonalise each low-rank factor on its own")
+    muon_rates = {k: getattr(args, k) for k in ("matrix_lr", "embedding_lr", "unembedding_lr")
+                  if getattr(args, k) is not None}
+    if optimizer == "muon" and args.lr is not None:
+        raise ValueError("--lr is the --optimizer adamw rate; Muon takes --matrix-lr, --embedding-lr and "
+                         "--unembedding-lr")
+    if optimizer == "adamw" and muon_rates:
+        flags = ", ".join("--" + k.replace("_", "-") for k in muon_rates)
+        raise ValueError(f"{flags}: Muon rates, unused by AdamW ({'--lora' if args.lora else '--optimizer adamw'}); "
+                         "set its one rate with --lr")
+    if not args.lora and (args.lora_rank is not None or args.lora_alpha is not None):
+        raise ValueError("--lora-rank and --lora-alpha shape LoRA adapters: they need --lora")
     trainer_kwargs = {}
     if args.lora:
-        trainer_kwargs["peft_config"] = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+        rank = 16 if args.lora_rank is None else args.lora_rank
+        alpha = 32 if args.lora_alpha is None else args.lora_alpha
+        trainer_kwargs["peft_config"] = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                                    target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     if optimizer == "muon":
-        trainer_kwargs["optimizer_cls_and_kwargs"] = (MuonAdamWFactory, dict(
-            matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
-            lr_scale=lr_scale))
+        # rates not given keep build_optimizer's defaults, nanochat's
+        trainer_kwargs["optimizer_cls_and_kwargs"] = (MuonAdamWFactory, dict(**muon_rates, lr_scale=lr_scale))
         return trainer_kwargs, {}
     # LoRA adapters start at zero and are small: they take ~10x the full fine-tuning rate (PEFT's usual advice)
     lr = args.lr if args.lr is not None else args.adamw_lr * (10 if args.lora else 1)

@@ -16,17 +16,24 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TrainerControl, TrainerState
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+)
+from transformers.trainer_utils import get_last_checkpoint
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM
 from hfnanochat.optim import build_optimizer, lr_multiplier, muon_momentum
-from hfnanochat.sft_utils import MetricsCallback, NanochatSchedule
+from hfnanochat.sft_utils import MetricsCallback, NanochatSchedule, resume_checkpoint
 from hfnanochat.tokenizer import get_special_token_ids, render_conversation, save_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,6 +294,67 @@ def test_midtrain_resume_continues_exactly(env, tmp_path):
     assert [r["lrm"] for r in b] == [r["lrm"] for r in a]
 
 
+class RecordRates(TrainerCallback):
+    """{step: {group name: lr}} as each optimizer step used them."""
+
+    def __init__(self):
+        self.rates = {}
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.rates[state.global_step + 1] = {g["name"]: g["lr"] for g in optimizer.param_groups}
+
+
+def train_midtrain(argv, *callbacks):
+    """midtrain.main's training, with extra callbacks; returns the MetricsCallback."""
+    args = midtrain.parse_args(argv)
+    trainer, _, metrics_callback = midtrain.build(args)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args, Path(args.out)))
+    return metrics_callback
+
+
+def test_resume_trains_at_the_rates_it_is_given(env, tmp_path):
+    flags = ["--model", env["base"], "--data", env["data"], "--max-seq-len", "64", "--device-batch-size", "4",
+             "--total-batch-size", "256", "--warmdown-ratio", "0.5", "--save-every", "2", "--keep-checkpoints", "9",
+             "--num-proc", "1"]
+    full, low = tmp_path / "full", tmp_path / "low"
+    straight = RecordRates()
+    train_midtrain(flags + ["--out", str(full)], straight)
+    (low / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "checkpoint-2", low / "checkpoints" / "checkpoint-2")
+    resumed = RecordRates()  # 10x below the defaults (0.02, 0.004) for Muon and lm_head, embeddings unchanged
+    train_midtrain(flags + ["--out", str(low), "--resume", "--matrix-lr", "0.002", "--unembedding-lr", "0.0004"],
+                   resumed)
+    a, b = metrics(full)[2:], metrics(low)
+    assert [r["step"] for r in b] == [r["step"] for r in a] == sorted(resumed.rates)  # it resumed at step 3
+    assert [r["lrm"] for r in b] == pytest.approx([r["lrm"] for r in a]) and a[0]["lrm"] == 1.0  # same schedule...
+    assert [r["lr"] for r in b] == pytest.approx([r["lr"] / 10 for r in a])  # ...at a 10x lower lm_head rate
+    muon = [name for name in straight.rates[3] if name.startswith("matrix_")]
+    assert muon
+    for step, rates in resumed.rates.items():
+        expected = {name: lr / 10 if name == "lm_head" or name in muon else lr
+                    for name, lr in straight.rates[step].items()}
+        assert rates == pytest.approx(expected)
+
+
+def test_nan_on_a_save_step_saves_no_checkpoint(env, tmp_path):
+    class Poison(TrainerCallback):  # a weight blows up after step 3: step 4, a save step, has a NaN loss
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    model.get_input_embeddings().weight.fill_(float("nan"))
+
+    out = tmp_path / "nan"
+    callback = train_midtrain(["--model", env["base"], "--data", env["data"], "--max-seq-len", "64",
+                               "--device-batch-size", "4", "--total-batch-size", "256", "--save-every", "2",
+                               "--num-proc", "1", "--out", str(out)], Poison())
+    assert callback.failed == "step 4: loss is nan"
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]  # it stopped there
+    assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert get_last_checkpoint(str(out / "checkpoints")).endswith("checkpoint-2")  # what --resume latest takes
+
+
 def test_sft_lora_trains_and_merges(env, tmp_path):
     out = tmp_path / "lora"
     sft.main(["--model", env["base"], "--out", str(out), "--data", env["data"], "--lora", "--lr", "2e-2",
@@ -318,6 +386,17 @@ def test_sft_adamw_option_trains(env, tmp_path):
     assert before.keys() == after.keys() and all(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_max_rows_keeps_the_mixture_proportions(env, tmp_path):
+    args = midtrain.parse_args(["--model", env["base"], "--out", str(tmp_path), "--no-recipe", "--identity",
+                                "--spelling", "--num-proc", "1", "--max-rows", "280"])
+    kinds = [("bee" if m[1].get("tool_calls") else "spell" if m[0]["content"].startswith("Spell the word:")
+              else "identity") for m in midtrain.load_data(args)["messages"]]
+    # identity 2 x 1K, SimpleSpelling 200K, SpellingBee 80K (cutting each part at 280 would give 1/2, 1/4, 1/4)
+    assert len(kinds) == 280
+    assert kinds.count("spell") == pytest.approx(280 * 200 / 282, abs=2)
+    assert kinds.count("bee") == pytest.approx(280 * 80 / 282, abs=2)
+
+
 def test_sft_recipe_from_local_sources(env, tmp_path):
     args = sft.parse_args(["--model", env["base"], "--out", str(tmp_path), *env["sources"], "--identity",
                            "--spelling", "--max-rows", "10", "--max-seq-len", "256", "--num-proc", "1"])
@@ -331,17 +410,26 @@ def test_sft_recipe_from_local_sources(env, tmp_path):
     assert len(contents) == 12 + 12 + 12  # ARC 12, GSM8K 12, SmolTalk 12
 
 
-def test_non_finite_loss_stops_the_run(tmp_path):
+def test_non_finite_loss_stops_the_run(env, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(env["base"], trust_remote_code=True)
+    optimizer = build_optimizer(model, unembedding_lr=0.0)  # group 0, lm_head, at 0: lrm comes from the next group
+    schedule = NanochatSchedule(optimizer, num_steps=4, warmdown_ratio=1.0, momentum_warmup_steps=0)
+    optimizer.step()
+    schedule.step()
     callback, control = MetricsCallback(tmp_path / "metrics.jsonl"), TrainerControl()
     state = TrainerState()
     state.global_step = 3
-    scheduler = SimpleNamespace(base_lrs=[0.5])
     callback.on_train_begin(None, state, control)
-    callback.on_log(None, state, control, logs={"loss": 2.0, "learning_rate": 0.25}, lr_scheduler=scheduler)
+    optimizer.step()  # the second of 4 steps: 1 - 1/4 of the rates
+    callback.on_optimizer_step(None, state, control, optimizer=optimizer)
+    schedule.step()
+    callback.on_log(None, state, control, logs={"loss": 2.0, "learning_rate": 0.0})
     assert not control.should_training_stop and callback.failed is None
-    callback.on_log(None, state, control, logs={"loss": float("nan"), "learning_rate": 0.25}, lr_scheduler=scheduler)
+    control.should_save = True  # a save step
+    callback.on_log(None, state, control, logs={"loss": float("nan"), "learning_rate": 0.0})
     assert control.should_training_stop and callback.failed == "step 3: loss is nan"
-    assert [r["lrm"] for r in metrics(tmp_path)] == [0.5, 0.5]
+    assert not control.should_save
+    assert [(r["lrm"], r["lr"]) for r in metrics(tmp_path)] == [(0.75, 0.0), (0.75, 0.0)]
 
 
 # -- bad input -------------------------------------------------------------------------------------------------------
@@ -369,6 +457,22 @@ def test_bad_input_fails_before_training(env, tmp_path):
         build(sft, "--source", "wiki=/tmp")
     with pytest.raises(ValueError, match="nothing to train on"):
         build(sft, "--no-recipe")
+    with pytest.raises(ValueError, match="--max-rows 0"):
+        build(sft, "--data", env["data"], "--max-rows", "0")
+    # flags the chosen optimizer or data would ignore
+    with pytest.raises(ValueError, match="--lr is the --optimizer adamw rate"):
+        build(sft, "--lr", "1e-3", "--data", env["data"])
+    with pytest.raises(ValueError, match=r"--matrix-lr: Muon rates, unused by AdamW \(--optimizer adamw\)"):
+        build(sft, "--optimizer", "adamw", "--matrix-lr", "0.01", "--data", env["data"])
+    with pytest.raises(ValueError, match=r"--embedding-lr, --unembedding-lr: Muon rates, unused by AdamW \(--lora"):
+        build(sft, "--lora", "--embedding-lr", "0.1", "--unembedding-lr", "0.001", "--data", env["data"])
+    for flag in ("--lora-rank", "--lora-alpha"):
+        with pytest.raises(ValueError, match="they need --lora"):
+            build(sft, flag, "8", "--data", env["data"])
+    identity_file = write_jsonl(tmp_path / "identity.jsonl", env["convs"][:2])
+    for flags in (["--identity-file", identity_file], ["--identity", "--identity-file", identity_file], []):
+        with pytest.raises(ValueError, match="--identity-name names the generated identity conversations"):
+            build(sft, "--identity-name", "Zed", "--data", env["data"], *flags)
     with pytest.raises(ValueError, match="--lora trains adapters with AdamW"):
         build(sft, "--lora", "--optimizer", "muon", "--data", env["data"])
     with pytest.raises(ValueError, match="longer than the model's context"):

@@ -288,6 +288,24 @@ def test_spelling_tasks(tok):
         tasks.spelling_bee(3, "validation")
 
 
+def test_spelling_train_and_test_words_are_disjoint():
+    def spelled(split, words=None):
+        return {conv[0]["content"].removeprefix("Spell the word: ")
+                for conv in tasks.simple_spelling(2000, split, words=words)["messages"]}
+
+    train, test = spelled("train"), spelled("test")
+    assert train and test and not train & test
+    # 2,000 draws reach nearly every word of each split: the embedded list is small
+    assert len(train | test) > 0.95 * len(set(tasks.spelling.WORDS)) and len(test) < 0.2 * len(train | test)
+    bee_words = {re.search(r"'([a-z]+)'\.count", conv[1]["tool_calls"][0]["function"]["arguments"]["code"])[1]
+                 for conv in tasks.spelling_bee(300, "test")["messages"]}
+    assert bee_words <= test
+    # a stable hash: the same words land in test on any machine ("there" is one, "the" is not)
+    assert spelled("test", ["the", "there"]) == {"there"}
+    with pytest.raises(ValueError, match="no test words"):
+        tasks.simple_spelling(3, "test", words=["the"])
+
+
 # -- user data, length, mixtures ---------------------------------------------------------------------------------------
 
 def test_user_jsonl_is_strict(tmp_path):

@@ -8,6 +8,7 @@ Notable:
 - The seed's mixture: SmolTalk 460K + MMLU auxiliary-train 100K + GSM8K 8K = 568K conversations, shuffled together,
   one epoch; `--identity` adds 2 x 1K identity conversations and `--spelling` SimpleSpelling 200K + SpellingBee 80K
   (nanochat's later mixture). `--data` trains on your own JSONL instead; `--source gsm8k=DIR` reads a local copy.
+  `--max-rows N` stops every part at its share of N: a quick run keeps the mixture's proportions.
 - Rendered with our chat template (GSM8K's calculator calls become `<|python_start|>...<|output_end|>` blocks) and
   concatenated into one token stream cut into full `--max-seq-len` rows (TRL's "wrapped" packing): like the seed,
   attention runs across conversation boundaries and every token is trained, user turns included. `--assistant-only`
@@ -32,8 +33,8 @@ from trl import SFTConfig
 
 from hfnanochat import tasks
 from hfnanochat.sft_utils import (MetricsCallback, NanochatSFTTrainer, add_common_arguments, extra_parts, load_model,
-                                  optimizer_options, parse_sources, resume_checkpoint, run_options, save_final,
-                                  world_size)
+                                  load_parts, optimizer_options, parse_sources, resume_checkpoint, run_options,
+                                  save_final, world_size)
 
 PRESETS = {
     # offline and CPU-sized: the generated tasks only, 128 conversations, 256-token rows, 8 rows per step
@@ -61,20 +62,21 @@ def parse_args(argv=None):
 def load_data(args):
     """The mixture, as a Dataset of `messages`, shuffled with seed 42."""
     sources = parse_sources(args.source)
-    stop, num_proc = args.max_rows, args.num_proc
+    num_proc = args.num_proc
     parts = []
     if args.recipe and not args.data:
-        parts = [
-            tasks.smoltalk("train", stop=stop, num_proc=num_proc, **sources["smoltalk"]),  # 460K conversations
-            # 100K multiple-choice questions from ARC, MC_TEST, OBQA, RACE
-            tasks.mmlu("auxiliary_train", "train", stop=stop, num_proc=num_proc, **sources["mmlu"]),
-            # 8K math problems that teach the calculator tool
-            tasks.gsm8k("main", "train", stop=stop, num_proc=num_proc, **sources["gsm8k"]),
+        parts = [  # (name, conversations in the full recipe, load(stop))
+            ("SmolTalk", 460_000, lambda stop: tasks.smoltalk("train", stop=stop, num_proc=num_proc,
+                                                              **sources["smoltalk"])),
+            # multiple-choice questions from ARC, MC_TEST, OBQA, RACE
+            ("MMLU", 100_000, lambda stop: tasks.mmlu("auxiliary_train", "train", stop=stop, num_proc=num_proc,
+                                                      **sources["mmlu"])),
+            # math problems that teach the calculator tool
+            ("GSM8K", 8_000, lambda stop: tasks.gsm8k("main", "train", stop=stop, num_proc=num_proc,
+                                                      **sources["gsm8k"])),
         ]
-    parts += [part for _, part in extra_parts(args, identity_copies=2, spelling_sizes=(200_000, 80_000))]
-    if not parts:
-        raise ValueError("nothing to train on: --no-recipe needs --data, --identity or --spelling")
-    return tasks.mixture(parts, limit=args.max_rows)
+    parts += extra_parts(args, identity_copies=2, spelling_sizes=(200_000, 80_000))
+    return tasks.mixture([part for _, part in load_parts(parts, args.max_rows)], limit=args.max_rows)
 
 
 def build(args):
@@ -121,7 +123,8 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=resume)
     if metrics.failed:
         accelerator.print(f"{metrics.failed}; stopping. Resume from the last checkpoint in {out / 'checkpoints'} "
-                          "with a lower learning rate.")
+                          "with lower rates (--matrix-lr, --embedding-lr, --unembedding-lr; --lr for AdamW): the "
+                          "resumed run trains at the rates it is given.")
         sys.exit(1)
     if accelerator.is_main_process:
         final = save_final(trainer, trainer.processing_class, out / "final")

@@ -7,6 +7,7 @@ Notable:
 - The seed's mixture: ARC-Easy 2.3K + ARC-Challenge 1.1K + GSM8K 8K + the first 10K SmolTalk conversations = 21.4K,
   shuffled together, one epoch (~670 steps); `--identity` adds 1K identity conversations and `--spelling`
   SimpleSpelling 300 + SpellingBee 300 (nanochat's later mixture). `--data` trains on your own JSONL instead.
+  `--max-rows N` stops every part at its share of N: a quick run keeps the mixture's proportions.
 - One conversation per row, right-padded with `<|assistant_end|>` (never trained), no packing: the model sees each
   conversation alone, as at inference.
 - Loss only on what the assistant writes: its text, its python calls and `<|assistant_end|>`; user turns, tool outputs
@@ -29,8 +30,8 @@ from trl import SFTConfig
 
 from hfnanochat import tasks
 from hfnanochat.sft_utils import (MetricsCallback, NanochatSFTTrainer, add_common_arguments, extra_parts, load_model,
-                                  optimizer_options, parse_sources, resume_checkpoint, run_options, save_final,
-                                  world_size)
+                                  load_parts, optimizer_options, parse_sources, resume_checkpoint, run_options,
+                                  save_final, world_size)
 
 PRESETS = {
     # offline and CPU-sized: the generated tasks only, 64 conversations of at most 256 tokens, 8 per step
@@ -57,25 +58,25 @@ def parse_args(argv=None):
 def load_data(args, tokenizer):
     """The mixture, as a Dataset of `messages` that each fit `--max-seq-len`, shuffled with seed 42."""
     sources = parse_sources(args.source)
-    stop, num_proc = args.max_rows, args.num_proc
+    num_proc = args.num_proc
     parts = []
     if args.recipe and not args.data:
-        parts = [
-            ("ARC-Easy", tasks.arc("ARC-Easy", "train", stop=stop, num_proc=num_proc, **sources["arc"])),  # 2.3K
-            ("ARC-Challenge", tasks.arc("ARC-Challenge", "train", stop=stop, num_proc=num_proc,  # 1.1K
-                                        **sources["arc"])),
-            # 8K math problems with calculator calls
-            ("GSM8K", tasks.gsm8k("main", "train", stop=stop, num_proc=num_proc, **sources["gsm8k"])),
+        parts = [  # (name, conversations in the full recipe, load(stop))
+            ("ARC-Easy", 2_300, lambda stop: tasks.arc("ARC-Easy", "train", stop=stop, num_proc=num_proc,
+                                                       **sources["arc"])),
+            ("ARC-Challenge", 1_100, lambda stop: tasks.arc("ARC-Challenge", "train", stop=stop, num_proc=num_proc,
+                                                            **sources["arc"])),
+            # math problems with calculator calls
+            ("GSM8K", 8_000, lambda stop: tasks.gsm8k("main", "train", stop=stop, num_proc=num_proc,
+                                                      **sources["gsm8k"])),
             # the first 10K of SmolTalk's 460K general conversations
-            ("SmolTalk", tasks.smoltalk("train", stop=min(10_000, stop or 10_000), num_proc=num_proc,
-                                        **sources["smoltalk"])),
+            ("SmolTalk", 10_000, lambda stop: tasks.smoltalk("train", stop=stop or 10_000, num_proc=num_proc,
+                                                             **sources["smoltalk"])),
         ]
     parts += extra_parts(args, identity_copies=1, spelling_sizes=(300, 300))
-    if not parts:
-        raise ValueError("nothing to train on: --no-recipe needs --data, --identity or --spelling")
     # a public conversation too long for a row is skipped and counted; one in your own file is an error
     parts = [tasks.drop_long(part, tokenizer, args.max_seq_len, name, strict=name in (args.data or []),
-                             num_proc=num_proc) for name, part in parts]
+                             num_proc=num_proc) for name, part in load_parts(parts, args.max_rows)]
     return tasks.mixture(parts, limit=args.max_rows)
 
 
@@ -121,7 +122,8 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=resume)
     if metrics.failed:
         accelerator.print(f"{metrics.failed}; stopping. Resume from the last checkpoint in {out / 'checkpoints'} "
-                          "with a lower learning rate.")
+                          "with lower rates (--matrix-lr, --embedding-lr, --unembedding-lr; --lr for AdamW): the "
+                          "resumed run trains at the rates it is given.")
         sys.exit(1)
     if accelerator.is_main_process:
         final = save_final(trainer, trainer.processing_class, out / "final")

@@ -6,7 +6,9 @@ first bad line raises a ValueError that names it, before any training starts."""
 import json
 from pathlib import Path
 
-from .common import from_conversations, to_messages
+import datasets
+
+from .common import FEATURES, to_messages
 
 
 def jsonl_conversations(path: str, name: str | None = None):
@@ -14,19 +16,17 @@ def jsonl_conversations(path: str, name: str | None = None):
     name = name or str(path)
     if not path.is_file():
         raise ValueError(f"{name}: no such file")
-    items = []
+    messages = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                conversation = json.loads(line)
-                to_messages(conversation)  # checked here too, so that the error names the line
+                messages.append(to_messages(json.loads(line)))  # converted here, so that an error names the line
             except json.JSONDecodeError as e:
                 raise ValueError(f"{name} line {n}: not valid JSON ({e})") from None
             except ValueError as e:
                 raise ValueError(f"{name} line {n}: {e}") from None
-            items.append(conversation)
-    if not items:
+    if not messages:
         raise ValueError(f"{name}: the file holds no conversations")
-    return from_conversations(items, name)
+    return datasets.Dataset.from_dict({"messages": messages}, features=FEATURES)
