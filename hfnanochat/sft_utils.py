@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -343,3 +344,17 @@ def save_final(trainer: SFTTrainer, tokenizer, final_dir: Path) -> Path:
     save_tokenizer(tokenizer, final_dir)
     set_generation_defaults(model, tokenizer, final_dir)
     return final_dir
+
+
+def train_and_save(trainer: SFTTrainer, metrics: "MetricsCallback", resume, out: Path) -> None:
+    """Train (resuming if asked), stop with exit code 1 on a non-finite loss, else write `out/final`."""
+    trainer.train(resume_from_checkpoint=resume)
+    accelerator = trainer.accelerator
+    if metrics.failed:
+        accelerator.print(f"{metrics.failed}; stopping. Resume from the last checkpoint in {out / 'checkpoints'} "
+                          "with lower rates (--matrix-lr, --embedding-lr, --unembedding-lr; --lr for AdamW): the "
+                          "resumed run trains at the rates it is given.")
+        sys.exit(1)
+    if accelerator.is_main_process:
+        print(f"saved {save_final(trainer, trainer.processing_class, out / 'final')}")
+    accelerator.wait_for_everyone()

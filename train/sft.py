@@ -23,7 +23,6 @@ Notable:
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 from trl import SFTConfig
@@ -31,7 +30,7 @@ from trl import SFTConfig
 from hfnanochat import tasks
 from hfnanochat.sft_utils import (MetricsCallback, NanochatSFTTrainer, add_common_arguments, extra_parts, load_model,
                                   load_parts, optimizer_options, parse_sources, resume_checkpoint, run_options,
-                                  save_final, world_size)
+                                  train_and_save, world_size)
 
 PRESETS = {
     # offline and CPU-sized: the generated tasks only, 64 conversations of at most 256 tokens, 8 per step
@@ -119,16 +118,7 @@ def main(argv=None):
     accelerator.print(f"SFT on {len(data):,} conversations, {args.examples_per_step} per step | "
                       f"{accelerator.num_processes} process(es), gradient accumulation "
                       f"{trainer.args.gradient_accumulation_steps}")
-    trainer.train(resume_from_checkpoint=resume)
-    if metrics.failed:
-        accelerator.print(f"{metrics.failed}; stopping. Resume from the last checkpoint in {out / 'checkpoints'} "
-                          "with lower rates (--matrix-lr, --embedding-lr, --unembedding-lr; --lr for AdamW): the "
-                          "resumed run trains at the rates it is given.")
-        sys.exit(1)
-    if accelerator.is_main_process:
-        final = save_final(trainer, trainer.processing_class, out / "final")
-        print(f"saved {final}")
-    accelerator.wait_for_everyone()
+    train_and_save(trainer, metrics, resume, out)
 
 
 if __name__ == "__main__":
