@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth
-from hfnanochat.mfu import peak_flops
+from hfnanochat.metrics import peak_flops
 from hfnanochat.optim import apply_schedule, build_optimizer
 
 

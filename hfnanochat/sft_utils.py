@@ -37,6 +37,7 @@ from trl import SFTTrainer
 
 from . import tasks
 from .convert import set_generation_defaults
+from .metrics import truncate_metrics
 from .optim import MuonAdamWFactory, lr_multiplier, muon_momentum
 from .tokenizer import get_special_token_ids, save_tokenizer
 
@@ -93,18 +94,6 @@ class NanochatSFTTrainer(SFTTrainer):
         schedule.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
         schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what the next log reports
         schedule.set_momentum()  # from this run's --momentum-warmup-steps
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records of steps <= `step` (a resumed run redoes the later ones); a line cut by a crash goes too."""
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except json.JSONDecodeError:
-            continue
-    path.write_text("".join(kept))
 
 
 class MetricsCallback(TrainerCallback):

@@ -44,7 +44,7 @@ from transformers import AutoTokenizer
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
 from hfnanochat.convert import set_generation_defaults
-from hfnanochat.mfu import peak_flops
+from hfnanochat.metrics import peak_flops, truncate_metrics
 from hfnanochat.data import BOSBestFitLoader, DocumentStream, evaluate_bpb
 from hfnanochat.optim import apply_schedule, build_optimizer
 from hfnanochat.tokenizer import load_token_bytes
@@ -226,19 +226,6 @@ def check_resume_config(path: Path, config: HFNanoChatConfig, args):
     if diff:
         raise ValueError(f"--resume {path}: the checkpoint does not match this run's settings: " + "; ".join(diff))
     return state
-
-
-def truncate_metrics(path: Path, step: int):
-    """Keep the records of steps <= `step`: the steps after it, logged before a crash (or by an earlier run into the
-    same folder), are about to be redone. A last line cut short by the crash does not parse and goes too."""
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except json.JSONDecodeError:
-            continue
-    path.write_text("".join(kept))
 
 
 def main(argv=None):

@@ -1,0 +1,31 @@
+"""What the training logs need: the GPUs' peak FLOP/s for MFU (achieved training FLOP/s over the dense bf16 peak,
+nanochat's table) and the `metrics.jsonl` bookkeeping shared by every stage."""
+
+import json
+from pathlib import Path
+
+import torch
+
+# bf16 dense peak FLOP/s per GPU; the more specific names first (an "H100 PCIe" also contains "H100")
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2.25e15}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of a CUDA device, None on CPU or an unknown GPU (MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step`: the steps after it, logged before a crash (or by an earlier run into the
+    same folder), are about to be redone. A last line cut short by the crash does not parse and goes too."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(kept))
