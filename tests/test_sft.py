@@ -466,6 +466,9 @@ def test_bad_input_fails_before_training(env, tmp_path):
         build(sft, "--optimizer", "adamw", "--matrix-lr", "0.01", "--data", env["data"])
     with pytest.raises(ValueError, match=r"--embedding-lr, --unembedding-lr: Muon rates, unused by AdamW \(--lora"):
         build(sft, "--lora", "--embedding-lr", "0.1", "--unembedding-lr", "0.001", "--data", env["data"])
+    for flags in (["--optimizer", "adamw"], ["--lora"]):
+        with pytest.raises(ValueError, match="--lr-scale scales the Muon"):
+            build(sft, "--lr-scale", "0.1", "--data", env["data"], *flags)
     for flag in ("--lora-rank", "--lora-alpha"):
         with pytest.raises(ValueError, match="they need --lora"):
             build(sft, flag, "8", "--data", env["data"])

@@ -46,8 +46,8 @@ def parse_args(argv=None):
     add_common_arguments(p, adamw_lr=2e-5)  # TRL's default fine-tuning rate
     p.add_argument("--device-batch-size", type=int, default=4, help="conversations per GPU per micro-step")
     p.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step")
-    p.add_argument("--lr-scale", type=float, default=0.02,
-                   help="--optimizer muon: every rate is this x the base model's")
+    p.add_argument("--lr-scale", type=float, default=None,
+                   help="--optimizer muon: every rate is this x the base model's (default 0.02, the seed's)")
     preset = p.parse_known_args(argv)[0].preset
     if preset:
         p.set_defaults(**PRESETS[preset])
@@ -92,7 +92,9 @@ def build(args):
     if args.examples_per_step % per_micro:
         raise ValueError(f"--examples-per-step {args.examples_per_step} is not divisible by device batch "
                          f"{args.device_batch_size} x {world} processes")
-    trainer_kwargs, optimizer_config = optimizer_options(args, lr_scale=args.lr_scale)
+    if args.lr_scale is not None and (args.lora or args.optimizer == "adamw"):
+        raise ValueError("--lr-scale scales the Muon + AdamW rates; AdamW alone (--optimizer adamw, --lora) takes --lr")
+    trainer_kwargs, optimizer_config = optimizer_options(args, lr_scale=0.02 if args.lr_scale is None else args.lr_scale)
     config = SFTConfig(
         **run_options(args, out), **optimizer_config,
         per_device_train_batch_size=args.device_batch_size,
