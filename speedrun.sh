@@ -29,7 +29,8 @@ if [ "$have_gpu" -gt 0 ] && [ "$have_hub" = 1 ]; then
     # ~2B characters of FineWeb-EDU for the 65,536-token tokenizer, as the seed's speedrun does
     python train/tokenizer.py --data HuggingFaceFW/fineweb-edu --data-config sample-10BT \
         --max-chars 2000000000 --vocab-size 65536 --out "$OUT/tokenizer"
-    accelerate launch --num_processes "$have_gpu" --mixed_precision bf16 train/pretrain.py \
+    multi=""; [ "$have_gpu" -gt 1 ] && multi="--multi_gpu"
+    accelerate launch $multi --num_processes "$have_gpu" --mixed_precision bf16 train/pretrain.py \
         --preset "$PRESET" --tokenizer "$OUT/tokenizer" --out "$OUT/pretrain"
 else
     echo "== no GPU or no Hub access: offline tiny preset (a smoke run, not a useful model)"
