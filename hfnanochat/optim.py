@@ -343,33 +343,12 @@ def build_optimizer(
     groups = {key: [p for p in groups.get(key, []) if p.requires_grad] for key in PARAM_GROUP_KEYS}
 
     s = (model.config.hidden_size / 768) ** -0.5
-    beta1, beta2 = adam_betas
-    adam = dict(kind="adamw", eps=1e-10)
+    # the seed's AdamW: shared betas, eps 1e-10, no weight decay; the 2026 scalar groups override betas and decay
+    adam = dict(kind="adamw", eps=1e-10, betas=adam_betas, weight_decay=0.0)
     param_groups = [
-        dict(
-            adam,
-            name="lm_head",
-            params=groups["lm_head"],
-            lr=unembedding_lr * s * lr_scale,
-            betas=adam_betas,
-            weight_decay=0.0,
-        ),
-        dict(
-            adam,
-            name="embedding",
-            params=groups["embedding"],
-            lr=embedding_lr * s * lr_scale,
-            betas=adam_betas,
-            weight_decay=0.0,
-        ),
-        dict(
-            adam,
-            name="value_embedding",
-            params=groups["value_embedding"],
-            lr=embedding_lr * s * 0.5 * lr_scale,
-            betas=adam_betas,
-            weight_decay=0.0,
-        ),
+        dict(adam, name="lm_head", params=groups["lm_head"], lr=unembedding_lr * s * lr_scale),
+        dict(adam, name="embedding", params=groups["embedding"], lr=embedding_lr * s * lr_scale),
+        dict(adam, name="value_embedding", params=groups["value_embedding"], lr=embedding_lr * s * 0.5 * lr_scale),
     ]
     scalars = defaultdict(list)
     for p in groups["scalar"]:
