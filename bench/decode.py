@@ -2,6 +2,7 @@
 
     python bench/decode.py                                                    # d20, bf16, prompt 512, 256 new tokens
     python bench/decode.py --depth 2 --prompt-len 16 --new-tokens 8 --device cpu   # smoke run (the test runs this)
+    python bench/decode.py --tokenizer out/tokenizer      # the engine with stop tokens and the tool machine live
 
 Four configurations per batch size (default 1 and 32), one JSON line each:
 - engine / dynamic: `Engine(cache_implementation="dynamic")`, eager;
@@ -15,6 +16,10 @@ batch * prompt / t(1) and decode tok/s = batch * (N-1) / (t(N) - t(1)), the same
 and no per-step host sync added to `generate` (a streamer would add one). Each figure is the median of --repeats runs
 after one warm-up run of each length (compilation happens there; dynamo is reset between configurations so each
 compiles its own graphs). Weights are nanochat's init, cast to --dtype; the prompts are random token ids.
+
+With --tokenizer (a folder from train/tokenizer.py) the engine runs as in chat and RL: stop tokens and the python-tool
+state machine are checked on every token of every row. Rates then count the tokens the rows really made (a row that
+samples a stop token ends early).
 """
 
 import argparse
@@ -29,15 +34,15 @@ from hfnanochat.engine import Engine
 CONFIGS = [("engine", "dynamic"), ("engine", "static"), ("generate", "dynamic"), ("generate", "static")]
 
 
-def make_runner(model, impl: str, cache: str, prompts: torch.Tensor, compile: bool):
-    """A function n -> None that generates n greedy tokens for every prompt row."""
+def make_runner(model, impl: str, cache: str, prompts: torch.Tensor, compile: bool, tokenizer=None):
+    """A function n -> tokens made, that generates up to n greedy tokens for every prompt row."""
     if impl == "engine":
-        engine = Engine(model, cache_implementation=cache, compile=compile)  # no tokenizer: no stop tokens, no tool
+        engine = Engine(model, tokenizer, cache_implementation=cache, compile=compile)
         rows = prompts.tolist()
 
         def run(n):
-            for _ in engine.generate(rows, max_new_tokens=n, temperature=0.0):
-                pass
+            return sum(sum(t is not None for t in tokens) for tokens, _ in engine.generate(rows, max_new_tokens=n,
+                                                                                            temperature=0.0))
 
         return run
     ids = prompts.to(model.device)
@@ -48,20 +53,21 @@ def make_runner(model, impl: str, cache: str, prompts: torch.Tensor, compile: bo
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None,
             pad_token_id=0, **extra,
         )  # fmt: skip
+        return ids.shape[0] * n  # no stop token: every row makes n
 
     return run
 
 
-def timed(run, n: int, repeats: int, sync) -> float:
-    """Median wall time of `repeats` runs of n new tokens: robust to a stray slow run."""
+def timed(run, n: int, repeats: int, sync) -> tuple[float, int]:
+    """Median wall time of `repeats` runs of n new tokens (robust to a stray slow run), and the tokens one run made."""
     times = []
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
-        run(n)
+        made = run(n)
         sync()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], made
 
 
 def main():
@@ -76,6 +82,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--configs", default=",".join(f"{i}/{c}" for i, c in CONFIGS), help="subset, e.g. engine/static")
     p.add_argument("--jsonl", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--tokenizer", default=None, help="chat tokenizer folder: the engine runs with stops and the tool")
     args = p.parse_args()
     if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1:
         p.error("--new-tokens must be >= 2 (a decode step to time), --prompt-len and --repeats >= 1")
@@ -89,6 +96,13 @@ def main():
     config = config_for_depth(args.depth, vocab_size=args.vocab_size, max_seq_len=args.prompt_len + args.new_tokens)
     model = HFNanoChatForCausalLM.from_config_on_device(config, device)
     model = model.to(dtype=getattr(torch, args.dtype)).eval()
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        if len(tokenizer) > args.vocab_size:
+            p.error(f"--tokenizer has {len(tokenizer)} tokens, more than --vocab-size {args.vocab_size}")
     on_cuda = device.type == "cuda"
 
     def sync():
@@ -100,16 +114,18 @@ def main():
         prompts = torch.randint(0, args.vocab_size, (batch_size, args.prompt_len), generator=g)
         for impl, cache in configs:
             torch._dynamo.reset()
-            run = make_runner(model, impl, cache, prompts, compile=on_cuda and cache == "static")
+            run = make_runner(model, impl, cache, prompts, compile=on_cuda and cache == "static", tokenizer=tokenizer)
             run(1), run(args.new_tokens)  # warm-up, compilation
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            t_prefill, t_total = timed(run, 1, args.repeats, sync), timed(run, args.new_tokens, args.repeats, sync)
+            (t_prefill, made_prefill), (t_total, made) = (timed(run, 1, args.repeats, sync),
+                                                          timed(run, args.new_tokens, args.repeats, sync))
             result = dict(
                 impl=impl, cache=cache, compiled=on_cuda and cache == "static", batch=batch_size,
                 depth=args.depth, dtype=args.dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                tool_machine=impl == "engine" and tokenizer is not None, tokens_made=made,
                 prefill_tok_s=batch_size * args.prompt_len / t_prefill,
-                decode_tok_s=batch_size * (args.new_tokens - 1) / max(t_total - t_prefill, 1e-9),
+                decode_tok_s=(made - made_prefill) / max(t_total - t_prefill, 1e-9),
                 total_s=t_total,
                 peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None,
                 device=torch.cuda.get_device_name(device) if on_cuda else "cpu",

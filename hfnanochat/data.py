@@ -297,7 +297,8 @@ def _tokenize_documents(documents: DocumentStream, tokenizer, batch_size: int, o
                 pass
 
     def encode(texts):
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # verbose=False: documents longer than the context are expected here (the packer crops), not an error
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         return [np.array([bos, *doc], dtype=np.int32) for doc in ids], documents.state_dict()
 
     bos = tokenizer.bos_token_id

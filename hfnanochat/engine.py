@@ -169,7 +169,11 @@ class Engine:
         for dst, src in zip(static.layers, cache.layers):
             dst.update(src.keys, src.values)
         if hasattr(cache, _SMEAR_STATE):
-            setattr(static, _SMEAR_STATE, getattr(cache, _SMEAR_STATE))
+            # a buffer of its own that the model updates in place, at a fixed address like the cache's keys: the
+            # compiled step reads and writes it inside one CUDA graph replay
+            prev = getattr(cache, _SMEAR_STATE).clone()
+            torch._dynamo.mark_static_address(prev)
+            setattr(static, _SMEAR_STATE, prev)
         return static
 
     def _tool_step(self, row: _Row, token: int) -> None:
@@ -284,14 +288,31 @@ class Engine:
 
         generator = torch.Generator(device=device).manual_seed(seed)
         rows = [_Row() for _ in range(n_rows)]
+        on_cuda = device.type == "cuda"
+        host_tokens = torch.empty(n_rows, dtype=torch.long, pin_memory=on_cuda)
+        copied = torch.cuda.Event() if on_cuda else None
         for step in range(max_new_tokens):
             forced = [row.forced.popleft() if row.forced and not row.done else None for row in rows]
             tokens = sample_next_token(logits, generator, temperature, top_k, top_p)
             if any(f is not None for f in forced):
                 override = torch.tensor([-1 if f is None else f for f in forced], device=device)
                 tokens = torch.where(override >= 0, override, tokens)
+            # The host needs this step's tokens (to stream them, to stop rows, to run the tool), the GPU needs them as
+            # the next step's input. Queue the copy to the host, then the next forward, and only then wait for the
+            # copy: the Python below runs while the GPU computes the next step. A tool result can only change the
+            # step after next (it is forced in place of a sample), so the forward launched here is always right.
+            # The one launched after the last step is wasted; that's one forward per call.
+            host_tokens.copy_(tokens, non_blocking=on_cuda)
+            if on_cuda:
+                copied.record()
+            if step + 1 < max_new_tokens:
+                length = width + step + 1
+                mask = attention_mask if self.static else attention_mask[:, :length]
+                next_logits = self._forward(decode, tokens[:, None], next_position + step, mask, cache)
+            if on_cuda:
+                copied.synchronize()
             out_tokens, out_mask = [], []
-            for row, token, f in zip(rows, tokens.tolist(), forced):
+            for row, token, f in zip(rows, host_tokens.tolist(), forced):
                 if row.done:
                     out_tokens.append(None)
                     out_mask.append(None)
@@ -307,9 +328,7 @@ class Engine:
             if step + 1 == max_new_tokens or all(row.done for row in rows):
                 return
             # Stopped rows keep stepping with their last token: the batch stays rectangular; their logits are unused
-            length = width + step + 1
-            mask = attention_mask if self.static else attention_mask[:, :length]
-            logits = self._forward(decode, tokens[:, None], next_position + step, mask, cache)
+            logits = next_logits
 
     def generate_batch(
         self,

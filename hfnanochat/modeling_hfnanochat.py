@@ -273,7 +273,12 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
         shifted = x[:, :-1] if prev is None else torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, -shifted.shape[1] :, :24]))
         if cache is not None:
-            cache.hfnanochat_prev_embedding = x[:, -1:].detach()
+            last = x[:, -1:].detach()
+            if prev is not None and prev.shape == last.shape and prev.dtype == last.dtype:
+                # in place, so that a compiled decode step (CUDA graphs) keeps reading and writing one buffer
+                prev.copy_(last)
+            else:
+                cache.hfnanochat_prev_embedding = last.clone()  # not a view of this call's activations
         if shifted.shape[1] == 0:
             return x
         return torch.cat([x[:, : x.shape[1] - shifted.shape[1]], x[:, -shifted.shape[1] :] + gate * shifted], dim=1)
@@ -305,12 +310,24 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:
             cache = DynamicCache(config=self.config)
+        # Plain causal rows (pretraining: no padding, no cache, default positions) need no mask tensor with SDPA:
+        # `is_causal=True` lets it pick the flash kernel. transformers can only skip the mask itself outside
+        # torch.compile (torch < 2.14), and a materialised (B, 1, T, T) mask sends SDPA to the slower
+        # memory-efficient kernel.
+        plain_causal = (
+            attention_mask is None
+            and cache is None
+            and position_ids is None
+            and self.config._attn_implementation == "sdpa"
+        )
         if position_ids is None:
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
 
         if isinstance(attention_mask, dict):  # generate() with a static cache prepares the masks per layer type
             masks = attention_mask
+        elif plain_causal and "sliding_attention" not in self.config.layer_types:
+            masks = {"full_attention": None}
         else:
             mask_kwargs = dict(
                 config=self.config,
@@ -346,6 +363,51 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
         x = rms_norm(x, self.config.rms_norm_eps)
         return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache})
 
+
+
+class FusedHeadLoss(torch.autograd.Function):
+    """sum over targets != -100 of cross-entropy(softcap(hidden @ weight.T)), chunk by chunk, gradients included.
+
+    Why our own: at d20 the training logits are 32 x 2048 x 65,536 (17 GB per fp32 copy), and the fp32 softcap plus
+    the cross-entropy keep several copies alive. Each chunk's gradient is computed in the forward pass, right after
+    its loss, while its logits are at hand (the idea of Liger's fused linear cross-entropy, whose kernels are
+    Triton-only); the backward pass only scales them. Same FLOPs as the unfused head (no recomputation), memory of one
+    chunk's logits. The softcap is in fp32, as in `compute_logits`; the vocabulary is not padded (the head GEMMs here
+    are over the full 65,536 rows, already a multiple of 64 for nanochat's vocabularies).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, cap: float | None):
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            raw = (h @ weight.T).float()
+            capped = raw if cap is None else cap * torch.tanh(raw / cap)
+            valid = t != -100
+            safe_t = torch.where(valid, t, 0)
+            lse = torch.logsumexp(capped, dim=-1)
+            target_logit = capped.gather(1, safe_t[:, None]).squeeze(1)
+            total = total + torch.where(valid, lse - target_logit, 0.0).sum()
+            # d loss / d capped = softmax - onehot (zero on ignored rows); times d capped / d raw = 1 - (capped/cap)^2
+            grad = torch.exp(capped - lse[:, None])
+            grad = grad.scatter_add(1, safe_t[:, None], -torch.ones_like(lse[:, None]))
+            grad = grad * valid[:, None]
+            if cap is not None:
+                grad = grad * (1 - (capped / cap).square())
+            grad = grad.to(h.dtype)
+            grad_hidden[start : start + chunk_size] = grad @ weight
+            grad_weight += (grad.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        return grad_hidden, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None
 
 class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {}
@@ -431,23 +493,17 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
 
     def chunked_loss(self, hidden_states, shift_labels, chunk_size: int, num_items_in_batch=None) -> torch.Tensor:
-        """Mean cross-entropy over targets != -100, computing logits `chunk_size` tokens at a time under activation
-        checkpointing (the ecosystem's fused losses, e.g. TRL's, assume no softcap-in-fp32 + padded-vocab head)."""
+        """Mean cross-entropy over targets != -100 without materialising the (tokens x vocab) logits; see
+        `fused_head_loss`."""
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         targets = shift_labels.reshape(-1)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
-            total = total + torch.utils.checkpoint.checkpoint(
-                self._loss_sum,
-                hidden[start : start + chunk_size],
-                targets[start : start + chunk_size],
-                use_reentrant=False,
-            )
+        weight = self.lm_head.weight
+        if torch.is_autocast_enabled(hidden.device.type):
+            compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
         count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum().clamp(min=1)
-        return total / count
-
-    def _loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.compute_logits(hidden), targets, ignore_index=-100, reduction="sum")
+        cap = self.config.final_logit_softcapping
+        return FusedHeadLoss.apply(hidden, weight, targets, chunk_size, cap) / count
 
     # ------------------------------------------------------------------------------------------------------------
     # nanochat helpers: meta-device construction, FLOPs, optimizer groups

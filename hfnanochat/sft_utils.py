@@ -37,7 +37,7 @@ from trl import SFTTrainer
 
 from . import tasks
 from .convert import set_generation_defaults
-from .metrics import truncate_metrics
+from .metrics import peak_flops, truncate_metrics
 from .optim import MuonAdamWFactory, lr_multiplier, muon_momentum
 from .tokenizer import get_special_token_ids, save_tokenizer
 
@@ -106,12 +106,20 @@ class MetricsCallback(TrainerCallback):
     def __init__(self, path: Path):
         self.path, self.failed, self.lrm = Path(path), None, None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists():
                 truncate_metrics(self.path, state.global_step)
         self.t0, self.tokens0 = time.time(), None
+        # MFU as pretraining reports it: nanochat's FLOPs per token at the row length, over the peak of every GPU.
+        # TRL's num_tokens counts real (non-padding) tokens, so padding shows up as lower MFU, as it should.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps ours
+        peak = peak_flops(args.device)
+        self.flops_per_token = None
+        if hasattr(base, "estimate_flops") and peak:
+            self.flops_per_token = base.estimate_flops(args.max_length or base.config.max_position_embeddings)
+            self.peak = peak * args.world_size
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # the rates this step used: by the time of the log the scheduler has moved on to the next step's
@@ -127,6 +135,8 @@ class MetricsCallback(TrainerCallback):
                       lr=logs["learning_rate"], mean_token_accuracy=logs.get("mean_token_accuracy"), num_tokens=tokens,
                       dt=dt, tok_per_sec=(tokens - self.tokens0) / dt if None not in (tokens, self.tokens0) else None,
                       epoch=logs.get("epoch"))
+        if self.flops_per_token and record["tok_per_sec"]:
+            record["mfu"] = 100 * self.flops_per_token * record["tok_per_sec"] / self.peak
         self.t0, self.tokens0 = now, tokens
         if state.is_world_process_zero:
             with open(self.path, "a") as f:

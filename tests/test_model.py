@@ -304,6 +304,50 @@ def test_chunked_loss_equals_full_loss_and_grads():
         torch.testing.assert_close(p.grad, ref[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("softcap", [15.0, None])
+def test_chunked_loss_under_bf16_autocast_matches_full_loss(softcap):
+    """The fused chunked head computes its gradients in the forward pass, in the autocast dtype like the plain head."""
+    model = random_model(tiny_config(final_logit_softcapping=softcap)).train()
+    ids = torch.randint(0, 95, (2, 40))
+    results = []
+    for chunk in (0, 32):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, loss_chunk_size=chunk).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full_loss, full_grads), (chunked_loss, chunked_grads) = results
+    torch.testing.assert_close(chunked_loss, full_loss, atol=2e-3, rtol=2e-3)
+    for name, grad in full_grads.items():
+        assert chunked_grads[name].dtype == grad.dtype == torch.float32
+        rel = (chunked_grads[name] - grad).norm() / grad.norm().clamp(min=1e-12)
+        assert rel < 2e-2, (name, rel)
+
+
+def test_plain_causal_sdpa_passes_no_mask_and_matches_masked_attention():
+    """Training rows without padding reach SDPA with no mask tensor (is_causal=True, the flash kernel on GPU) and
+    give the same logits as the explicit causal mask path."""
+    model = random_model(tiny_config())
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 95, (2, 24))
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return original(*args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        plain = model(input_ids=ids, use_cache=False).logits
+        masked = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    layers = model.config.num_hidden_layers
+    assert all(mask is None and causal for mask, causal in seen[:layers])
+    torch.testing.assert_close(plain, masked, atol=1e-5, rtol=1e-5)
+
+
 def test_padded_head_matmul_equals_plain_projection():
     """vocab 97 is computed as 128 columns for large batches of rows (and unpadded for a few decode rows)."""
     model = random_model(tiny_config())

@@ -28,10 +28,12 @@ from transformers import (
     TrainerCallback,
     TrainerControl,
     TrainerState,
+    TrainingArguments,
 )
 from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig
 
-from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM
+from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, sft_utils
 from hfnanochat.optim import build_optimizer, lr_multiplier, muon_momentum
 from hfnanochat.sft_utils import MetricsCallback, NanochatSchedule, resume_checkpoint
 from hfnanochat.tokenizer import get_special_token_ids, render_conversation, save_tokenizer, train_tokenizer
@@ -419,17 +421,36 @@ def test_non_finite_loss_stops_the_run(env, tmp_path):
     callback, control = MetricsCallback(tmp_path / "metrics.jsonl"), TrainerControl()
     state = TrainerState()
     state.global_step = 3
-    callback.on_train_begin(None, state, control)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    callback.on_train_begin(args, state, control, model=model)
     optimizer.step()  # the second of 4 steps: 1 - 1/4 of the rates
-    callback.on_optimizer_step(None, state, control, optimizer=optimizer)
+    callback.on_optimizer_step(args, state, control, optimizer=optimizer)
     schedule.step()
-    callback.on_log(None, state, control, logs={"loss": 2.0, "learning_rate": 0.0})
+    callback.on_log(args, state, control, logs={"loss": 2.0, "learning_rate": 0.0})
     assert not control.should_training_stop and callback.failed is None
     control.should_save = True  # a save step
-    callback.on_log(None, state, control, logs={"loss": float("nan"), "learning_rate": 0.0})
+    callback.on_log(args, state, control, logs={"loss": float("nan"), "learning_rate": 0.0})
     assert control.should_training_stop and callback.failed == "step 3: loss is nan"
     assert not control.should_save
     assert [(r["lrm"], r["lr"]) for r in metrics(tmp_path)] == [(0.75, 0.0), (0.75, 0.0)]
+
+
+def test_metrics_report_mfu_from_real_tokens_per_second(env, tmp_path, monkeypatch):
+    """MFU = nanochat FLOPs/token at the row length x TRL's real-token rate / the peak of every process's GPU. CPUs
+    have no peak (no MFU is logged there), so the test gives this one a made-up peak of 1 TFLOP/s."""
+    monkeypatch.setattr(sft_utils, "peak_flops", lambda device: 1e12)
+    model = AutoModelForCausalLM.from_pretrained(env["base"], trust_remote_code=True)
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_length=128)
+    callback, control, state = MetricsCallback(tmp_path / "metrics.jsonl"), TrainerControl(), TrainerState()
+    callback.on_train_begin(args, state, control, model=model)
+    callback.on_log(args, state, control, logs={"loss": 2.0, "learning_rate": 0.1, "num_tokens": 1000})
+    callback.t0 -= 2.0  # the next log comes 2 s and 3,000 real tokens later
+    state.global_step = 1
+    callback.on_log(args, state, control, logs={"loss": 1.5, "learning_rate": 0.1, "num_tokens": 4000})
+    first, second = metrics(tmp_path)
+    assert "mfu" not in first  # no rate before the second log
+    assert second["tok_per_sec"] == pytest.approx(1500, rel=1e-3)
+    assert second["mfu"] == pytest.approx(100 * model.estimate_flops(128) * second["tok_per_sec"] / 1e12)
 
 
 # -- bad input -------------------------------------------------------------------------------------------------------

@@ -52,12 +52,13 @@ from hfnanochat.tokenizer import load_token_bytes
 # fmt: off
 PRESETS = {
     # the seed's tiers (8xH100 node): d20 is the $100 run, d26 the $300 run, d32 the $1000 run
-    # Device batches are sized for 80 GB GPUs: nanochat runs d20 at 32 rows, but our step peaks at 113 GiB there
-    # (measured, docs/benchmarks.md), so the presets halve it; gradient accumulation keeps the total batch. d26/d32
-    # are scaled from the d20 measurement (activations per row grow ~1.7x and ~2.6x), not measured.
-    "d20": dict(depth=20, device_batch_size=16),
-    "d26": dict(depth=26, device_batch_size=8),
-    "d32": dict(depth=32, device_batch_size=4),
+    # Sized for 80 GB GPUs. The head + loss run in chunks of 8,192 tokens (the full fp32 logits of 32 x 2048 rows would
+    # be 17 GB per copy): d20 at nanochat's 32 rows then peaks at 74.8 GiB on an H100 (measured, docs/benchmarks.md).
+    # d26/d32 are scaled from that (activations per row grow ~1.7x and ~2.6x, optimizer state ~2x and ~3.4x), not
+    # measured; gradient accumulation keeps the total batch whatever the device batch.
+    "d20": dict(depth=20, device_batch_size=32, loss_chunk_size=8192),
+    "d26": dict(depth=26, device_batch_size=8, loss_chunk_size=8192),
+    "d32": dict(depth=32, device_batch_size=4, loss_chunk_size=8192),
     # a CPU-sized run for laptops and CI: same code path, 60 steps of a depth-4 model on 256-token rows
     "tiny": dict(depth=4, max_seq_len=256, device_batch_size=4, total_batch_size=4 * 256 * 4, num_iterations=60,
                  eval_every=20, eval_tokens=4 * 256 * 2, sample_every=60, save_every=30, compile=False),
@@ -120,6 +121,8 @@ def parse_args(argv=None):
     # evaluation, checkpoints, logging
     p.add_argument("--eval-every", type=int, default=250, help="validation bpb every N steps (0: only at the end)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
+    p.add_argument("--eval-device-batch-size", type=int, default=None,
+                   help="rows per evaluation forward (default: --device-batch-size; lower it for a small corpus)")
     p.add_argument("--sample-every", type=int, default=2000, help="greedy samples from fixed prompts")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep")
@@ -242,6 +245,8 @@ def main(argv=None):
     tokens_per_micro = args.device_batch_size * args.max_seq_len
     if args.keep_checkpoints < 1:
         raise ValueError(f"--keep-checkpoints {args.keep_checkpoints}: keep at least the newest checkpoint")
+    if args.eval_device_batch_size is not None and args.eval_device_batch_size < 1:
+        raise ValueError(f"--eval-device-batch-size {args.eval_device_batch_size}: needs at least one row")
     if args.data_streams % world:
         raise ValueError(f"--data-streams {args.data_streams} must be a multiple of the {world} processes")
     if args.total_batch_size % (tokens_per_micro * world):
@@ -258,9 +263,10 @@ def main(argv=None):
         raise ValueError(
             f"gradient accumulation {grad_accum} must be a multiple of the {len(streams)} data streams per process"
         )
-    if not Path(args.tokenizer).exists():
+    if not (Path(args.tokenizer) / "tokenizer.json").is_file():
         raise ValueError(
-            f"--tokenizer {args.tokenizer} does not exist; train one with train/tokenizer.py --out {args.tokenizer}"
+            f"--tokenizer {args.tokenizer} holds no tokenizer.json; "
+            f"train one with train/tokenizer.py --out {args.tokenizer}"
         )
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     token_bytes = load_token_bytes(args.tokenizer).to(device)
@@ -271,7 +277,7 @@ def main(argv=None):
     if args.data == DEFAULT_DATA and args.data_name is None:
         args.data_name = "sample-10BT"  # the 10B-token sample of FineWeb-EDU: more than a d20 run reads
 
-    def make_loader(split, stream, num_streams):
+    def make_loader(split, stream, num_streams, rows=args.device_batch_size):
         documents = DocumentStream(
             args.data,
             split=split,
@@ -280,7 +286,7 @@ def main(argv=None):
             rank=stream,
             world_size=num_streams,
         )
-        return BOSBestFitLoader(tokenizer, documents, args.device_batch_size, args.max_seq_len, device=device)
+        return BOSBestFitLoader(tokenizer, documents, rows, args.max_seq_len, device=device)
 
     train_loaders = [make_loader("train", s, args.data_streams) for s in streams]  # raises on bad --data/column
 
@@ -369,18 +375,19 @@ def main(argv=None):
 
     def evaluate() -> float:
         model.eval()
-        eval_steps = max(1, args.eval_tokens // (tokens_per_micro * args.data_streams))
+        rows = args.eval_device_batch_size or args.device_batch_size
+        eval_steps = max(1, args.eval_tokens // (rows * args.max_seq_len * args.data_streams))
         # A fresh validation loader every time, so every evaluation sees the same tokens. Every stream contributes
         # the same number of batches (the smallest any stream has), so the evaluation set does not depend on how
         # streams are spread over processes, and every rank runs the same number of forwards (FSDP needs that).
-        per_stream = [list(itertools.islice(make_loader("val", s, args.data_streams), eval_steps)) for s in streams]
+        per_stream = [list(itertools.islice(make_loader("val", s, args.data_streams, rows), eval_steps)) for s in streams]
         n = torch.tensor(min(len(b) for b in per_stream), device=device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
         if n.item() == 0:
             raise ValueError(
-                f"the validation split of {args.data} is too small for one batch of "
-                f"{args.device_batch_size} x {args.max_seq_len} tokens"
+                f"the validation split of {args.data} is too small for one batch of {rows} x {args.max_seq_len} "
+                "tokens: evaluate on fewer rows at a time with --eval-device-batch-size"
             )
         batches = [batch for stream_batches in per_stream for batch in stream_batches[: n.item()]]
         with torch.no_grad(), accelerator.autocast():
@@ -408,6 +415,8 @@ def main(argv=None):
 
     def stop(reason: str):
         bar.close()  # stop() is only called from inside the loop, where the bar exists
+        for loader in train_loaders:
+            loader.close()
         good = [p for p in checkpoints(out) if is_complete(p)]
         accelerator.print(
             f"{reason}; stopping. The last good checkpoint is "
@@ -531,6 +540,10 @@ def main(argv=None):
         )
         bar.update(1)
     bar.close()
+    for loader in train_loaders:
+        # the tokenizer threads read ahead: stopped here, not left inside the Rust tokenizer at interpreter exit
+        # (which aborts the process: "terminate called without an active exception")
+        loader.close()
 
     # -- final HF folder: weights, config, tokenizer + chat template, generation defaults ----------------------------
     final_dir = out / "final"
