@@ -453,6 +453,25 @@ def test_metrics_report_mfu_from_real_tokens_per_second(env, tmp_path, monkeypat
     assert second["mfu"] == pytest.approx(100 * model.estimate_flops(128) * second["tok_per_sec"] / 1e12)
 
 
+def test_sft_throughput_bench_runs_the_stage_on_a_fresh_base(tmp_path):
+    """bench/sft_throughput.py: GSM8K (local layout) -> tokenizer + freshly initialised base -> train/sft.py -> medians
+    of its metrics. CPU has no MFU; the pretraining-step half is the pretrain benchmark, which has its own test."""
+    rng = random.Random(3)
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl",
+                [{"question": f"{words(rng, 10, 30)} {i}?", "answer": f"{words(rng, 5, 15)} <<{i}*3={i * 3}>>{i * 3}."
+                  f"\n#### {i * 3}"} for i in range(300)])
+    cmd = [sys.executable, str(ROOT / "bench" / "sft_throughput.py"), "--gsm8k", str(tmp_path / "gsm8k"),
+           "--depth", "2", "--max-seq-len", "256", "--max-rows", "32", "--vocab-size", "512", "--skip-steps", "1",
+           "--no-pretrain", "--jsonl", str(tmp_path / "out.jsonl"),
+           "--", "--device-batch-size", "4", "--examples-per-step", "8", "--num-proc", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (result,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert result["loop"] == "SFTTrainer (sft)" and result["steps"] == 32 // 8 and result["timed_steps"] == 3
+    assert result["tok_per_sec"] > 0 and result["mfu_pct"] is None and result["device"] == "cpu"
+
+
 # -- bad input -------------------------------------------------------------------------------------------------------
 
 def test_bad_input_fails_before_training(env, tmp_path):
