@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from datasets.distributed import split_dataset_by_node
 from huggingface_hub import HfApi
-from huggingface_hub.errors import GatedRepoError, HFValidationError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 
 # 1% held out: tinyshakespeare gets ~70 validation speeches, and row 0 makes even a one-row file evaluable.
 VAL_EVERY = 100

@@ -299,9 +299,9 @@ class Engine:
                 tokens = torch.where(override >= 0, override, tokens)
             # The host needs this step's tokens (to stream them, to stop rows, to run the tool), the GPU needs them as
             # the next step's input. Queue the copy to the host, then the next forward, and only then wait for the
-            # copy: the Python below runs while the GPU computes the next step. A tool result can only change the
-            # step after next (it is forced in place of a sample), so the forward launched here is always right.
-            # The one launched after the last step is wasted; that's one forward per call.
+            # copy: the Python below runs while the GPU computes the next step. The tool never changes the input of
+            # the forward launched here (its result replaces the samples of later steps), so launching it early is
+            # always right; only when every row has just stopped is it wasted, once per call.
             host_tokens.copy_(tokens, non_blocking=on_cuda)
             if on_cuda:
                 copied.record()

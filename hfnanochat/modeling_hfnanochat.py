@@ -364,7 +364,6 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache})
 
 
-
 class FusedHeadLoss(torch.autograd.Function):
     """sum over targets != -100 of cross-entropy(softcap(hidden @ weight.T)), chunk by chunk, gradients included.
 

@@ -6,8 +6,9 @@ Notable:
   what Accelerate's `prepare`, a TRL/transformers `Trainer` (`optimizer_cls_and_kwargs=(MuonAdamWFactory, kw)`),
   LambdaLR (per-group `initial_lr`) and `state_dict()` expect.
 - Muon (the seed's recipe by default): Nesterov momentum, then Newton–Schulz quintic (3.4445, -4.7750, 2.0315), 5 steps,
-  in bf16 on GPU (fp32 on CPU), on the transposed matrix when rows > cols; update `p -= lr * max(1, rows/cols)**0.5 * O`. One group per
-  distinct shape, so the orthogonalisation of all same-shape matrices runs as one batched matmul chain.
+  in bf16 on GPU (fp32 on CPU), on the transposed matrix when rows > cols; update
+  `p -= lr * max(1, rows/cols)**0.5 * O`. One group per distinct shape, so the orthogonalisation of all same-shape
+  matrices runs as one batched matmul chain.
   `ns_method="polar_express"` swaps in nanochat 2026's Polar Express coefficients (arXiv 2505.16932).
 - AdamW is torch's own functional AdamW (fused kernel on CUDA), so its numbers equal `torch.optim.AdamW`.
 - Distributed: gradients arrive already averaged (Accelerate/DDP did the all-reduce). Each rank orthogonalises every

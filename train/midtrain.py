@@ -31,9 +31,20 @@ from pathlib import Path
 from trl import SFTConfig
 
 from hfnanochat import tasks
-from hfnanochat.sft_utils import (MetricsCallback, NanochatSFTTrainer, add_common_arguments, extra_parts, load_model,
-                                  load_parts, optimizer_options, parse_sources, resume_checkpoint, run_options,
-                                  train_and_save, world_size)
+from hfnanochat.sft_utils import (
+    MetricsCallback,
+    NanochatSFTTrainer,
+    add_common_arguments,
+    extra_parts,
+    load_model,
+    load_parts,
+    optimizer_options,
+    parse_sources,
+    resume_checkpoint,
+    run_options,
+    train_and_save,
+    world_size,
+)
 
 PRESETS = {
     # offline and CPU-sized: the generated tasks only, 128 conversations, 256-token rows, 8 rows per step

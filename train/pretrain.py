@@ -44,8 +44,8 @@ from transformers import AutoTokenizer
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
 from hfnanochat.convert import set_generation_defaults
-from hfnanochat.metrics import peak_flops, truncate_metrics
 from hfnanochat.data import BOSBestFitLoader, DocumentStream, evaluate_bpb
+from hfnanochat.metrics import peak_flops, truncate_metrics
 from hfnanochat.optim import apply_schedule, build_optimizer
 from hfnanochat.tokenizer import load_token_bytes
 
@@ -380,7 +380,9 @@ def main(argv=None):
         # A fresh validation loader every time, so every evaluation sees the same tokens. Every stream contributes
         # the same number of batches (the smallest any stream has), so the evaluation set does not depend on how
         # streams are spread over processes, and every rank runs the same number of forwards (FSDP needs that).
-        per_stream = [list(itertools.islice(make_loader("val", s, args.data_streams, rows), eval_steps)) for s in streams]
+        per_stream = [
+            list(itertools.islice(make_loader("val", s, args.data_streams, rows), eval_steps)) for s in streams
+        ]
         n = torch.tensor(min(len(b) for b in per_stream), device=device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)

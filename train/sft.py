@@ -28,9 +28,20 @@ from pathlib import Path
 from trl import SFTConfig
 
 from hfnanochat import tasks
-from hfnanochat.sft_utils import (MetricsCallback, NanochatSFTTrainer, add_common_arguments, extra_parts, load_model,
-                                  load_parts, optimizer_options, parse_sources, resume_checkpoint, run_options,
-                                  train_and_save, world_size)
+from hfnanochat.sft_utils import (
+    MetricsCallback,
+    NanochatSFTTrainer,
+    add_common_arguments,
+    extra_parts,
+    load_model,
+    load_parts,
+    optimizer_options,
+    parse_sources,
+    resume_checkpoint,
+    run_options,
+    train_and_save,
+    world_size,
+)
 
 PRESETS = {
     # offline and CPU-sized: the generated tasks only, 64 conversations of at most 256 tokens, 8 per step
@@ -94,7 +105,8 @@ def build(args):
                          f"{args.device_batch_size} x {world} processes")
     if args.lr_scale is not None and (args.lora or args.optimizer == "adamw"):
         raise ValueError("--lr-scale scales the Muon + AdamW rates; AdamW alone (--optimizer adamw, --lora) takes --lr")
-    trainer_kwargs, optimizer_config = optimizer_options(args, lr_scale=0.02 if args.lr_scale is None else args.lr_scale)
+    lr_scale = 0.02 if args.lr_scale is None else args.lr_scale
+    trainer_kwargs, optimizer_config = optimizer_options(args, lr_scale=lr_scale)
     config = SFTConfig(
         **run_options(args, out), **optimizer_config,
         per_device_train_batch_size=args.device_batch_size,
