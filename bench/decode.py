@@ -30,6 +30,7 @@ import torch
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth
 from hfnanochat.engine import Engine
+from hfnanochat.metrics import append_jsonl
 
 CONFIGS = [("engine", "dynamic"), ("engine", "static"), ("generate", "dynamic"), ("generate", "static")]
 
@@ -133,8 +134,7 @@ def main():
             )  # fmt: skip
             print(json.dumps(result), flush=True)
             if args.jsonl:
-                with open(args.jsonl, "a") as f:
-                    f.write(json.dumps(result) + "\n")
+                append_jsonl(args.jsonl, result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth
-from hfnanochat.metrics import peak_flops
+from hfnanochat.metrics import append_jsonl, peak_flops
 from hfnanochat.optim import apply_schedule, build_optimizer
 
 
@@ -113,8 +113,7 @@ def main():
     )
     accelerator.print(json.dumps(result))
     if args.jsonl and accelerator.is_main_process:
-        with open(args.jsonl, "a") as f:
-            f.write(json.dumps(result) + "\n")
+        append_jsonl(args.jsonl, result)
 
 
 if __name__ == "__main__":

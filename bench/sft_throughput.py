@@ -24,6 +24,7 @@ import torch
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth, tasks
 from hfnanochat.convert import set_generation_defaults
+from hfnanochat.metrics import append_jsonl
 from hfnanochat.tokenizer import render_conversation, save_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +113,7 @@ def main():
         result["device"] = device
         print(json.dumps(result), flush=True)
         if args.jsonl:
-            with open(args.jsonl, "a") as f:
-                f.write(json.dumps(result) + "\n")
+            append_jsonl(args.jsonl, result)
 
 
 if __name__ == "__main__":

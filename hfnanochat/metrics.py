@@ -18,6 +18,12 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """One JSON object as one line at the end of `path` (metrics logs, benchmark results)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep the records of steps <= `step`: the steps after it, logged before a crash (or by an earlier run into the
     same folder), are about to be redone. A last line cut short by the crash does not parse and goes too."""

@@ -21,7 +21,6 @@ Notable:
 
 import argparse
 import functools
-import json
 import math
 import os
 import sys
@@ -37,7 +36,7 @@ from trl import SFTTrainer
 
 from . import tasks
 from .convert import set_generation_defaults
-from .metrics import peak_flops, truncate_metrics
+from .metrics import append_jsonl, peak_flops, truncate_metrics
 from .optim import MuonAdamWFactory, lr_multiplier, muon_momentum
 from .tokenizer import get_special_token_ids, save_tokenizer
 
@@ -139,8 +138,7 @@ class MetricsCallback(TrainerCallback):
             record["mfu"] = 100 * self.flops_per_token * record["tok_per_sec"] / self.peak
         self.t0, self.tokens0 = now, tokens
         if state.is_world_process_zero:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.path, record)
         if not math.isfinite(logs["loss"]):
             self.failed = f"step {state.global_step}: loss is {logs['loss']}"
             control.should_training_stop = True

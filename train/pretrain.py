@@ -45,7 +45,7 @@ from transformers import AutoTokenizer
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
 from hfnanochat.convert import set_generation_defaults
 from hfnanochat.data import BOSBestFitLoader, DocumentStream, evaluate_bpb
-from hfnanochat.metrics import peak_flops, truncate_metrics
+from hfnanochat.metrics import append_jsonl, peak_flops, truncate_metrics
 from hfnanochat.optim import apply_schedule, build_optimizer
 from hfnanochat.tokenizer import load_token_bytes
 
@@ -533,8 +533,7 @@ def main(argv=None):
             total_time=total_time,
         )
         if accelerator.is_main_process:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(metrics_file, record)
         accelerator.log({f"train/{k}": v for k, v in record.items() if v is not None}, step=step)
         bar.set_postfix_str(
             f"loss {debiased:.4f} | bpb {val_bpb or float('nan'):.4f} | {tok_per_sec:,.0f} tok/s"
