@@ -90,13 +90,13 @@ def main():
         timed = [s for s in steps[args.skip_steps:] if s.get("tok_per_sec")]
         if not timed:
             raise SystemExit(f"{len(steps)} logged steps: too few to time after --skip-steps {args.skip_steps}")
-        results = [dict(
+        report(dict(
             loop=f"SFTTrainer ({args.stage})", depth=args.depth, max_seq_len=args.max_seq_len, vocab=vocab,
             steps=len(steps), timed_steps=len(timed), stage_args=args.stage_args,
             tok_per_sec=statistics.median(s["tok_per_sec"] for s in timed),
             mfu_pct=statistics.median(s["mfu"] for s in timed) if "mfu" in timed[0] else None,
             first_loss=steps[0]["loss"], last_loss=steps[-1]["loss"],
-        )]  # fmt: skip
+        ), args.jsonl)  # fmt: skip
 
         if not args.no_pretrain:
             rows = args.pretrain_device_batch_size
@@ -105,15 +105,16 @@ def main():
                           "--device-batch-size", str(rows), "--total-batch-size", str(rows * args.max_seq_len * 8),
                           "--steps", "4", "--warmup", "2", "--loss-chunk-size", "8192"])  # fmt: skip
             step = json.loads(stdout.strip().splitlines()[-1])
-            results.append(dict(loop="pretraining step", depth=args.depth, max_seq_len=args.max_seq_len, vocab=vocab,
-                                device_batch=rows, tok_per_sec=step["tok_per_sec"], mfu_pct=step["mfu_pct"]))
+            report(dict(loop="pretraining step", depth=args.depth, max_seq_len=args.max_seq_len, vocab=vocab,
+                        device_batch=rows, tok_per_sec=step["tok_per_sec"], mfu_pct=step["mfu_pct"]), args.jsonl)
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    for result in results:
-        result["device"] = device
-        print(json.dumps(result), flush=True)
-        if args.jsonl:
-            append_jsonl(args.jsonl, result)
+
+def report(result: dict, jsonl: str | None):
+    """Printed (and appended) as soon as measured: a later measurement that fails or runs out of time loses nothing."""
+    result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(json.dumps(result), flush=True)
+    if jsonl:
+        append_jsonl(jsonl, result)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ Notable:
 - Two decode paths over the same loop: `DynamicCache` (CPU, any device) and, by default on CUDA, `StaticCache` with
   the model's `torch.compile`d forward (`get_compiled_call`, as `generate(cache_implementation="static")` uses):
   fixed shapes, so one graph (replayed as a CUDA graph) serves every step. The target is launch overhead: the seed's
-  eager Engine ran at ~2% of the H100's bandwidth bound at batch 1 (performance-reliability.md B2).
+  eager Engine ran at ~2% of the H100's bandwidth bound at batch 1 (performance-reliability.md B2). Our models
+  generate inside `model.fused_qkv()`: one GEMM for q, k and v per layer (restacked from the weights at each prefill).
 
 Why forced tokens go one per step rather than in one multi-token forward: rows of a batch advance together, so a
 multi-token step for one row would leave holes in every other row's cache (masked slots), which grows a static cache
@@ -31,6 +32,7 @@ row per step keeps every row's cache contiguous and the static cache no longer t
 <|output_start|> and <|output_end|>, so 3 steps for "84" but many more for a long result like 10/3 = 3.3333333333.
 """
 
+import contextlib
 import inspect
 import math
 from collections import deque
@@ -144,18 +146,23 @@ class Engine:
         else:
             self.stop_ids, self.pad_id, self.special, self.tool = set(), 0, {}, None
         self._decode_call = None  # the compiled forward, made on first use (compiling takes a while)
+        self._fused_qkv = getattr(model, "fused_qkv", None)  # our models: one q/k/v GEMM per layer while generating
 
     # ----------------------------------------------------------------------------------------------------------------
 
-    def _forward(self, call, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
-        out = call(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_arg: cache},
-        )
+    def _forward(self, call, input_ids, position_ids, attention_mask, cache, restack=False) -> torch.Tensor:
+        # the prefill restacks q/k/v from the current weights (they may have changed since the last call, in RL);
+        # the decode steps of the same call reuse that stack
+        fused = self._fused_qkv(refresh=restack) if self._fused_qkv else contextlib.nullcontext()
+        with fused:
+            out = call(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg: cache},
+            )
         # a copy: with CUDA graphs the logits live in a buffer that the next replay overwrites
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
@@ -264,7 +271,7 @@ class Engine:
         # Static path: prefill into a config-less DynamicCache, which keeps every layer's full keys, so the copy
         # into the StaticCache sees the true length even for sliding-window layers.
         cache = DynamicCache() if self.static else DynamicCache(config=model.config)
-        logits = self._forward(model, input_ids, position_ids, prompt_mask, cache)
+        logits = self._forward(model, input_ids, position_ids, prompt_mask, cache, restack=True)
 
         # Fan out: each prompt's cache and last logits to its num_samples rows
         if num_samples > 1:

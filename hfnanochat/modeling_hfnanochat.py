@@ -16,6 +16,7 @@ default), `labels` -> shifted loss with ignore index -100, `logits_to_keep`, a b
 `last_hidden_state` so TRL's fused LM head reproduces our loss.
 """
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -114,6 +115,10 @@ class HFNanoChatAttention(nn.Module):
         self.o_proj = _linear(self.num_heads * self.head_dim, d, "matrix_out")
         # 2026 value embeddings: a per-kv-head gate read from the first 12 channels of the block input.
         self.ve_gate = _linear(12, self.num_key_value_heads, "gate") if config.has_value_embedding(layer_idx) else None
+        # inference only: q, k and v from one GEMM over the stacked weights (HFNanoChatPreTrainedModel.fused_qkv)
+        self.qkv_sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+        self.use_fused_qkv = False
+        self.register_buffer("qkv_weight", None, persistent=False)
 
     def forward(
         self,
@@ -126,9 +131,13 @@ class HFNanoChatAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = hidden_states.shape
         eps = self.config.rms_norm_eps
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(B, T, self.num_key_value_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(B, T, self.num_key_value_heads, self.head_dim)
+        if self.use_fused_qkv and not torch.is_grad_enabled():
+            q, k, v = F.linear(hidden_states, self.qkv_weight).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_key_value_heads, self.head_dim)
+        v = v.view(B, T, self.num_key_value_heads, self.head_dim)
         if value_embedding is not None:
             gate = 3 * torch.sigmoid(self.ve_gate(hidden_states[..., :12]))  # (B, T, Hkv), in (0, 3)
             v = v + gate.unsqueeze(-1) * value_embedding.view(B, T, self.num_key_value_heads, self.head_dim)
@@ -193,6 +202,49 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+
+    @contextlib.contextmanager
+    def fused_qkv(self, refresh: bool = True):
+        """For inference: inside this context each attention layer computes q, k and v with one GEMM over the three
+        weights stacked. Decoding a token reads every weight once and runs hundreds of small kernels; at batch 1 three
+        small GEMMs cost nearly three times one of their combined size (docs/benchmarks.md). The Engine decodes in
+        this context.
+
+        refresh: restack from the current weights (the stack is kept between uses, at a fixed address for CUDA
+            graphs; the memory of q, k and v once more). False reuses the last stack: only right after a refreshing
+            entry, with no weight changed since.
+        The stack is used only inside the context and only with autograd off, so training and gradients always see
+        the real weights. Layers whose projections are not plain `nn.Linear` (PEFT adapters, quantised layers) keep
+        their separate GEMMs.
+        """
+        if refresh:
+            self._fused_qkv_layers = [
+                m for m in self.modules()
+                if isinstance(m, HFNanoChatAttention)
+                and all(type(p) is nn.Linear for p in (m.q_proj, m.k_proj, m.v_proj))
+            ]  # fmt: skip
+        elif getattr(self, "_fused_qkv_layers", None) is None:
+            raise RuntimeError("fused_qkv(refresh=False) before any refreshing use: nothing stacked yet")
+        layers = self._fused_qkv_layers  # a decode step enters once per token: no module walk then
+        if refresh:
+            with torch.no_grad():
+                for m in layers:
+                    weights = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
+                    stack = m.qkv_weight
+                    if stack is not None and (stack.shape[0], stack.dtype, stack.device) == (
+                        sum(m.qkv_sizes), weights[0].dtype, weights[0].device
+                    ):
+                        torch.cat(weights, out=stack)
+                    else:
+                        m.qkv_weight = torch.cat(weights)
+        previous = [m.use_fused_qkv for m in layers]
+        for m in layers:
+            m.use_fused_qkv = True
+        try:
+            yield
+        finally:
+            for m, was in zip(layers, previous):
+                m.use_fused_qkv = was
 
     def _init_weights(self, module: nn.Module) -> None:
         """nanochat's initialisation, per parameter-owning module (see `docs/architecture.md`).

@@ -131,7 +131,9 @@ CHAT_TEMPLATE = """\
         {%- else -%}
             {{- raise_exception(where ~ 'assistant content must be a string or a list of parts.') -}}
         {%- endif -%}
-        {%- set calls = m.get('tool_calls', []) -%}
+        {%- set calls = m.get('tool_calls') -%}
+        {#- datasets fills a missing field with None: same as no tool call -#}
+        {%- set calls = [] if calls is none else calls -%}
         {%- if calls is string or calls is mapping or calls is not sequence -%}
             {{- raise_exception(where ~ 'tool_calls must be a list.') -}}
         {%- elif calls | length > 1 -%}

@@ -125,10 +125,14 @@ def test_greedy_equals_generate_batched_and_fanned_out(tokenizer, options, cache
     model = random_model(tiny_config(**options))
     prompts = syllable_prompts(tokenizer, (3, 11, 6))
     engine = Engine(model, tokenizer, cache_implementation=cache, compile=False)
+    fused_calls = []  # the engine decodes with one q/k/v GEMM per layer; generate (the reference) with three
+    model.model.layers[0].self_attn.register_forward_pre_hook(lambda m, a: fused_calls.append(m.use_fused_qkv))
     results = engine.generate_batch(prompts, num_samples=2, max_new_tokens=12, temperature=0.0)
+    assert fused_calls and all(fused_calls)
     sp = get_special_token_ids(tokenizer)
     for prompt, samples in zip(prompts, results):
         expected = reference_greedy(model, tokenizer, prompt, 12)
+        assert not fused_calls[-1]
         assert sp["python_end"] not in expected  # no tool call: the comparison with generate is meaningful
         for s in samples:
             assert s.tokens == expected

@@ -356,3 +356,37 @@ def test_padded_head_matmul_equals_plain_projection():
         hidden = torch.randn(1, rows, 64)
         expected = 15.0 * torch.tanh((hidden @ model.lm_head.weight.T).float() / 15.0)
         torch.testing.assert_close(model.compute_logits(hidden), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_qkv_equals_separate_projections_and_never_goes_stale():
+    model = random_model(tiny_config(**ALL_2026))  # GQA: q is wider than k and v
+    ids = torch.randint(0, 97, (2, 12))
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        separate = model(input_ids=ids).logits
+        with model.fused_qkv():
+            fused = model(input_ids=ids).logits
+        torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+        attn = model.model.layers[0].self_attn
+        assert attn.qkv_weight.shape == (4 * 16 + 2 * 2 * 16, 64) and not attn.use_fused_qkv
+        assert set(model.state_dict()) == keys  # the stack is not a weight: checkpoints are unchanged
+
+        # a weight update (an RL step) between two generations: the next refreshing entry restacks it
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(-1.5)
+        changed = model(input_ids=ids).logits
+        assert not torch.allclose(changed, separate)
+        with model.fused_qkv():
+            torch.testing.assert_close(model(input_ids=ids).logits, changed, rtol=1e-5, atol=1e-5)
+        stack = attn.qkv_weight
+        with model.fused_qkv():  # restacked in place: a CUDA graph keeps reading the same buffer
+            assert attn.qkv_weight is stack
+
+    # with autograd on the real projections run, so gradients reach q_proj, k_proj and v_proj
+    with model.fused_qkv():
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert all(model.model.layers[0].self_attn.get_submodule(n).weight.grad is not None
+               for n in ("q_proj", "k_proj", "v_proj"))  # fmt: skip
+    with pytest.raises(RuntimeError, match="nothing stacked"):
+        with random_model(tiny_config()).fused_qkv(refresh=False):
+            pass

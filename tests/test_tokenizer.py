@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import jinja2
 import pytest
 import torch
@@ -262,6 +263,22 @@ def test_template_equals_render(tok, name):
     assert out["input_ids"] == ids
     assert out["assistant_masks"] == mask
     assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)
+
+
+def test_template_accepts_conversations_read_through_datasets(tok, monkeypatch):
+    """A `datasets` column of messages gives every message every field, None where a message had none (a user turn
+    gets `tool_calls: None`): TRL applies the template to such rows, and they must render as the originals do.
+    Recent transformers drop None fields before rendering; 5.17 (the GPU image's) hands them to the template."""
+    import transformers.tokenization_utils_base as tokenization_utils_base
+
+    if hasattr(tokenization_utils_base, "_normalize_chat_messages"):
+        monkeypatch.setattr(tokenization_utils_base, "_normalize_chat_messages", lambda messages: list(messages))
+    rows = datasets.Dataset.from_list([{"messages": CONVERSATIONS[n]} for n in ("tool_calls", "two_tool_calls")])
+    for row, name in zip(rows, ("tool_calls", "two_tool_calls")):
+        assert any(m.get("tool_calls", 0) is None for m in row["messages"])  # the Nones are really there
+        out = tok.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        assert (out["input_ids"], out["assistant_masks"]) == render_conversation(tok, CONVERSATIONS[name])
 
 
 def test_tool_calls_fold_into_one_nanochat_turn(tok):

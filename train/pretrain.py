@@ -129,6 +129,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="latest", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--out", default="out/pretrain")
     p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none")
+    p.add_argument("--activation-memory-budget", type=float, default=1.0,
+                   help="compiled runs: fraction of activation memory to keep (below 1 recomputes some in backward)")
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on GPU)"
     )
@@ -233,6 +235,12 @@ def check_resume_config(path: Path, config: HFNanoChatConfig, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    # Below 1, the compiler's partitioner recomputes in the backward pass whatever activations it takes to keep
+    # the saved ones under this fraction of what it would save otherwise (d20 at 32 rows: 0.9 -> 49 instead of
+    # 75 GiB for 1.4 points of MFU, docs/benchmarks.md): a way to fit a GPU with less memory besides fewer rows.
+    if not 0 < args.activation_memory_budget <= 1:
+        raise ValueError(f"--activation-memory-budget {args.activation_memory_budget}: a fraction in (0, 1]")
+    torch._functorch.config.activation_memory_budget = args.activation_memory_budget
     out = Path(args.out)
     accelerator = Accelerator(log_with=None if args.report_to == "none" else args.report_to, project_dir=str(out))
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -303,12 +311,23 @@ def main(argv=None):
         scalar_lr=args.scalar_lr,
         weight_decay=args.weight_decay,
     )
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if args.compile and fsdp:
+        # FSDP2 gathers the root's own weights (embeddings, head) in the root module's forward hook. Seen on 2 H200s
+        # (torch 2.11): with the compiled wrapper inside FSDP, evaluation through the plain module met sharded
+        # weights; with it outside, the compiled training forward did. Until a compiled FSDP2 step is measured,
+        # FSDP runs eager.
+        accelerator.print("FSDP: running uncompiled (whole-model torch.compile does not yet work with FSDP2 here)")
+        args.compile = False
     if args.compile:
+        # DDP wraps the compiled model: one backward graph; under accumulation the gradient all-reduce happens once
+        # per optimizer step anyway
         model = torch.compile(model, dynamic=False)
     model, optimizer = accelerator.prepare(model, optimizer)
     # the plain module: evaluation and sampling run uncompiled (as nanochat's orig_model), and its state dict has no
-    # torch.compile `_orig_mod.` prefixes
+    # torch.compile `_orig_mod.` prefixes. accelerate's unwrap leaves the compiled wrapper that sits inside DDP.
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    raw_model = getattr(raw_model, "_orig_mod", raw_model)
 
     def full_state_dict():
         # gathers the shards under FSDP (a collective: every rank calls it); names as in the plain module
@@ -317,7 +336,6 @@ def main(argv=None):
     # The model is checkpointed as a from_pretrained-able HF folder. Under DDP that folder *is* the model state, so
     # accelerate's own copy is skipped; under FSDP accelerate keeps its sharded-model files (it knows how to load
     # them into shards) and the HF folder is written beside them from the gathered full state dict.
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
 
     def save_model_hook(models, weights, output_dir):
         state_dict = full_state_dict()
