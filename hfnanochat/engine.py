@@ -150,19 +150,15 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------------------------------
 
-    def _forward(self, call, input_ids, position_ids, attention_mask, cache, restack=False) -> torch.Tensor:
-        # the prefill restacks q/k/v from the current weights (they may have changed since the last call, in RL);
-        # the decode steps of the same call reuse that stack
-        fused = self._fused_qkv(refresh=restack) if self._fused_qkv else contextlib.nullcontext()
-        with fused:
-            out = call(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                attention_mask=attention_mask,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_arg: cache},
-            )
+    def _forward(self, call, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
+        out = call(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
         # a copy: with CUDA graphs the logits live in a buffer that the next replay overwrites
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
@@ -254,8 +250,14 @@ class Engine:
         batch, _ = self._validate(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed)
         return self._generate(batch, num_samples, max_new_tokens, temperature, top_k, top_p, seed)
 
+    def _generate(self, *args):
+        # one q/k/v stack per call, built from the current weights (they may have changed since the last call, in
+        # RL) and held for the whole generation: entering the context per step would cost ~40 us of Python a token
+        with self._fused_qkv() if self._fused_qkv else contextlib.nullcontext():
+            yield from self._steps(*args)
+
     @torch.no_grad()
-    def _generate(self, batch, num_samples, max_new_tokens, temperature, top_k, top_p, seed):
+    def _steps(self, batch, num_samples, max_new_tokens, temperature, top_k, top_p, seed):
         model, device = self.model, self.device
         n_rows = len(batch) * num_samples
 
@@ -271,7 +273,7 @@ class Engine:
         # Static path: prefill into a config-less DynamicCache, which keeps every layer's full keys, so the copy
         # into the StaticCache sees the true length even for sliding-window layers.
         cache = DynamicCache() if self.static else DynamicCache(config=model.config)
-        logits = self._forward(model, input_ids, position_ids, prompt_mask, cache, restack=True)
+        logits = self._forward(model, input_ids, position_ids, prompt_mask, cache)
 
         # Fan out: each prompt's cache and last logits to its num_samples rows
         if num_samples > 1:

@@ -204,39 +204,31 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
 
     @contextlib.contextmanager
-    def fused_qkv(self, refresh: bool = True):
+    def fused_qkv(self):
         """For inference: inside this context each attention layer computes q, k and v with one GEMM over the three
         weights stacked. Decoding a token reads every weight once and runs hundreds of small kernels; at batch 1 three
-        small GEMMs cost nearly three times one of their combined size (docs/benchmarks.md). The Engine decodes in
+        small GEMMs cost nearly three times one of their combined size (docs/benchmarks.md). The Engine generates in
         this context.
 
-        refresh: restack from the current weights (the stack is kept between uses, at a fixed address for CUDA
-            graphs; the memory of q, k and v once more). False reuses the last stack: only right after a refreshing
-            entry, with no weight changed since.
-        The stack is used only inside the context and only with autograd off, so training and gradients always see
-        the real weights. Layers whose projections are not plain `nn.Linear` (PEFT adapters, quantised layers) keep
-        their separate GEMMs.
+        Entering restacks from the current weights, in place when the layout is unchanged (a CUDA graph keeps
+        reading the same buffer; the memory of q, k and v once more). The stack is used only inside the context and
+        only with autograd off, so training and gradients always see the real weights. Layers whose projections are
+        not plain `nn.Linear` (PEFT adapters, quantised layers) keep their separate GEMMs.
         """
-        if refresh:
-            self._fused_qkv_layers = [
-                m for m in self.modules()
-                if isinstance(m, HFNanoChatAttention)
-                and all(type(p) is nn.Linear for p in (m.q_proj, m.k_proj, m.v_proj))
-            ]  # fmt: skip
-        elif getattr(self, "_fused_qkv_layers", None) is None:
-            raise RuntimeError("fused_qkv(refresh=False) before any refreshing use: nothing stacked yet")
-        layers = self._fused_qkv_layers  # a decode step enters once per token: no module walk then
-        if refresh:
-            with torch.no_grad():
-                for m in layers:
-                    weights = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
-                    stack = m.qkv_weight
-                    if stack is not None and (stack.shape[0], stack.dtype, stack.device) == (
-                        sum(m.qkv_sizes), weights[0].dtype, weights[0].device
-                    ):
-                        torch.cat(weights, out=stack)
-                    else:
-                        m.qkv_weight = torch.cat(weights)
+        layers = [
+            m for m in self.modules()
+            if isinstance(m, HFNanoChatAttention) and all(type(p) is nn.Linear for p in (m.q_proj, m.k_proj, m.v_proj))
+        ]  # fmt: skip
+        with torch.no_grad():
+            for m in layers:
+                weights = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
+                stack = m.qkv_weight
+                if stack is not None and (stack.shape[0], stack.dtype, stack.device) == (
+                    sum(m.qkv_sizes), weights[0].dtype, weights[0].device
+                ):
+                    torch.cat(weights, out=stack)
+                else:
+                    m.qkv_weight = torch.cat(weights)
         previous = [m.use_fused_qkv for m in layers]
         for m in layers:
             m.use_fused_qkv = True
