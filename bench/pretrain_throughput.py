@@ -40,6 +40,7 @@ def main():
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--loss-chunk-size", type=int, default=0, help="chunked head + loss (0: full logits)")
     p.add_argument("--jsonl", default=None)
+    p.add_argument("--profile", action="store_true", help="profile one more step; print where its GPU time goes")
     args = p.parse_args()
     torch._functorch.config.activation_memory_budget = args.activation_memory_budget
     # under torch.compile the kernel is chosen while tracing, so the preference must hold for the whole run
@@ -78,11 +79,9 @@ def run(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step_times, optim_times = [], []
-    for step in range(args.warmup + args.steps):
+    def train_step(step: int):
+        """One optimizer step; returns the last micro-batch loss and when the optimizer started (after a sync)."""
         apply_schedule(optimizer, step, 10**6)
-        sync()
-        t0 = time.perf_counter()
         for micro in range(grad_accum):
             row = batches[micro % 2]
             with accelerator.accumulate(model), accelerator.autocast():
@@ -94,6 +93,13 @@ def run(args):
                     t_opt = time.perf_counter()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+        return loss, t_opt
+
+    step_times, optim_times = [], []
+    for step in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        loss, t_opt = train_step(step)
         sync()
         t1 = time.perf_counter()
         if step >= args.warmup:
@@ -130,6 +136,37 @@ def run(args):
     accelerator.print(json.dumps(result))
     if args.jsonl and accelerator.is_main_process:
         append_jsonl(args.jsonl, result)
+    if args.profile and device.type == "cuda":
+        print_gpu_time(train_step, args.warmup + args.steps, accelerator)
+
+
+# kernel-name fragments -> what the kernel does (cuBLAS/CUTLASS GEMM names vary between releases)
+KERNEL_KINDS = [
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "sm90_")),
+    ("attention", ("flash", "fmha", "cudnn", "attention")),
+    ("compiled (Triton)", ("triton",)),
+]
+
+
+def print_gpu_time(train_step, step: int, accelerator) -> None:
+    """Profile one optimizer step and print its GPU time by kind of kernel, then the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        train_step(step)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    by_kind: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, frags in KERNEL_KINDS if any(f in name for f in frags)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total
+    accelerator.print(f"GPU time of one step: {total / 1e6:.3f} s; " + ", ".join(
+        f"{kind} {100 * t / total:.1f}%" for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
+        accelerator.print(f"{100 * e.self_device_time_total / total:6.2f}% {e.count:6d}x "
+                          f"{e.self_device_time_total / e.count:9.1f} us  {e.key[:100]}")
 
 
 if __name__ == "__main__":

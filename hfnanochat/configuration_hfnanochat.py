@@ -31,8 +31,9 @@ class HFNanoChatConfig(PreTrainedConfig):
         num_key_value_heads (`int`, *optional*): key/value heads (`n_kv_head`); fewer than the query heads gives
             GQA/MQA. Defaults to `num_attention_heads`.
         intermediate_size (`int`, *optional*): MLP width; nanochat always uses `4 * hidden_size`.
-        max_position_embeddings (`int`, defaults to 2048): training context (`sequence_len`). RoPE is computed
-            on the fly, so longer inputs still run; sliding windows are derived from this length.
+        max_position_embeddings (`int`, defaults to 2048): training context (`sequence_len`). RoPE tables cover
+            10x this many positions (nanochat's limit), so longer inputs still run; sliding windows are derived
+            from this length.
         rope_parameters (`dict`, *optional*): `{"rope_type": "default", "rope_theta": 10000.0}` (seed); 2026
             nanochat uses theta 100000.
         rms_norm_eps (`float`, defaults to fp32 machine epsilon): epsilon of the parameter-free RMSNorms.

@@ -226,6 +226,13 @@ class Engine:
             raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
         if not is_int(seed):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        rotary = getattr(getattr(self.model, "model", None), "rotary_emb", None)
+        limit = getattr(rotary, "max_positions", None)  # our models: RoPE tables cover this many positions
+        longest = max(len(p) for p in batch)
+        if limit is not None and longest + max_new_tokens > limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's {limit} positions"
+            )
         return batch, single
 
     # ----------------------------------------------------------------------------------------------------------------

@@ -68,24 +68,36 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class HFNanoChatRotaryEmbedding(nn.Module):
-    """cos/sin of nanochat's RoPE, computed per call from `position_ids` (so left padding and packing just work).
+    """cos/sin of nanochat's RoPE, looked up per call by `position_ids` (so left padding and packing just work).
 
-    The inverse frequencies are recomputed on every call instead of living in a buffer: they are head_dim/2 numbers,
-    and a non-persistent buffer would have to be rebuilt by hand after every meta-device load.
+    The tables cover positions [0, 10 x max_position_embeddings), nanochat's own limit. They are non-persistent
+    buffers (rebuilt by `_init_weights` after a meta-device load, never saved) because computing cos/sin per call
+    is slow under torch.compile: Inductor folds the cos/sin of `position * inv_freq` into every q/k rotary kernel, so
+    each of the (batch x seq x heads x head_dim) elements re-evaluated two transcendentals (measured: 14% of a d20
+    training step on an H200). A lookup reads a table that sits in cache instead. Same values as computing them
+    per call: fp32 cos/sin, cast to the activations' dtype on use.
     """
 
     def __init__(self, config: HFNanoChatConfig):
         super().__init__()
         self.head_dim = config.head_dim
         self.base = float(config.rope_parameters.get("rope_theta", 10000.0))
+        self.max_positions = 10 * config.max_position_embeddings
+        cos, sin = self.tables()
+        self.register_buffer("cos_table", cos, persistent=False)
+        self.register_buffer("sin_table", sin, persistent=False)
 
-    def inv_freq(self, device=None) -> torch.Tensor:
+    def tables(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(max_positions, head_dim/2) fp32 cos and sin of position * inv_freq."""
         channels = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
-        return 1.0 / (self.base ** (channels / self.head_dim))
+        inv_freq = 1.0 / (self.base ** (channels / self.head_dim))
+        freqs = torch.arange(self.max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq
+        return freqs.cos(), freqs.sin()
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq(x.device)  # (B, T, hd/2)
-        return freqs.cos().to(x.dtype)[:, :, None, :], freqs.sin().to(x.dtype)[:, :, None, :]
+        """(B, T) positions -> cos, sin of shape (B, T, 1, head_dim/2) in x's dtype."""
+        cos, sin = self.cos_table[position_ids].to(x.dtype), self.sin_table[position_ids].to(x.dtype)
+        return cos[:, :, None, :], sin[:, :, None, :]
 
 
 def _linear(in_features: int, out_features: int, init_role: str) -> nn.Linear:
@@ -269,6 +281,10 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
                 init.uniform_(module.weight, -s, s)
             else:
                 init.normal_(module.weight, std=1.0 if seed else 0.8)
+        elif isinstance(module, HFNanoChatRotaryEmbedding):
+            cos, sin = module.tables(module.cos_table.device)
+            init.copy_(module.cos_table, cos)
+            init.copy_(module.sin_table, sin)
         elif isinstance(module, HFNanoChatModel):
             L = config.num_hidden_layers
             ramp = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
@@ -557,14 +573,17 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device=device)
-        model.init_weights()
+        model.reset_weights()
         return model
 
-    def init_weights(self):
-        """(Re-)apply nanochat's initialisation to every parameter, e.g. after `to_empty`."""
+    def reset_weights(self):
+        """(Re-)apply nanochat's initialisation to every parameter and buffer, e.g. after `to_empty`.
+
+        Not an override of `init_weights`: transformers' `from_pretrained` disables that one while it builds the
+        model on the meta device, and must, so that the non-persistent RoPE tables are filled after loading."""
         for module in self.modules():
             module._is_hf_initialized = False
-            for tensor in module.parameters(recurse=False):
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
                 tensor._is_hf_initialized = False
         self.initialize_weights()
 

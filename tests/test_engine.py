@@ -268,6 +268,7 @@ def test_bad_arguments_raise_clear_errors(tokenizer):
         (dict(top_k=-1), "top_k"),
         (dict(top_p=0.0), "top_p"),
         (dict(seed=1.5), "seed"),
+        (dict(max_new_tokens=1278), "exceeds the model's 1280 positions"),  # RoPE tables: 10 x 128 positions
     ]:
         with pytest.raises(ValueError, match=match):
             engine.generate_batch(**({"prompts": prompt} | kwargs))

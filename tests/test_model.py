@@ -387,3 +387,25 @@ def test_fused_qkv_equals_separate_projections_and_never_goes_stale():
         model(input_ids=ids, labels=ids).loss.backward()
     assert all(model.model.layers[0].self_attn.get_submodule(n).weight.grad is not None
                for n in ("q_proj", "k_proj", "v_proj"))  # fmt: skip
+
+
+def test_rope_tables_are_the_per_position_cos_sin_and_survive_every_load_path(tmp_path):
+    """The RoPE lookup tables hold fp32 cos/sin of position * inv_freq (nanochat's values, cast on use) for 10x the
+    context, and are rebuilt, not left as garbage, when a model is materialised from the meta device or loaded."""
+    config = tiny_config()
+    rotary = HFNanoChatForCausalLM(config).model.rotary_emb
+    assert rotary.cos_table.shape == (10 * 64, 8) and "rotary_emb.cos_table" not in HFNanoChatForCausalLM(
+        config
+    ).state_dict()
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    positions = torch.tensor([[0, 5, 639]])
+    cos, sin = rotary(torch.zeros(1, dtype=torch.bfloat16), positions)
+    angles = positions[..., None].float() * inv_freq
+    assert torch.equal(cos[:, :, 0], angles.cos().bfloat16()) and torch.equal(sin[:, :, 0], angles.sin().bfloat16())
+
+    built = HFNanoChatForCausalLM.from_config_on_device(config, "cpu")
+    built.save_pretrained(tmp_path)
+    loaded = HFNanoChatForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    for model in (built, loaded):
+        torch.testing.assert_close(model.model.rotary_emb.cos_table.float(), rotary.cos_table, atol=4e-3, rtol=0)
+        torch.testing.assert_close(model.model.rotary_emb.sin_table.float(), rotary.sin_table, atol=4e-3, rtol=0)

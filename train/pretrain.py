@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -53,10 +53,12 @@ from hfnanochat.tokenizer import load_token_bytes
 PRESETS = {
     # the seed's tiers (8xH100 node): d20 is the $100 run, d26 the $300 run, d32 the $1000 run
     # Sized for 80 GB GPUs. The head + loss run in chunks of 8,192 tokens (the full fp32 logits of 32 x 2048 rows would
-    # be 17 GB per copy): d20 at nanochat's 32 rows then peaks at 74.8 GiB on an H100 (measured, docs/benchmarks.md).
-    # d26/d32 are scaled from that (activations per row grow ~1.7x and ~2.6x, optimizer state ~2x and ~3.4x), not
-    # measured; gradient accumulation keeps the total batch whatever the device batch.
-    "d20": dict(depth=20, device_batch_size=32, loss_chunk_size=8192),
+    # be 17 GB per copy). d20 at nanochat's 32 rows peaks at 74.8 GiB on an H100 (52.6% MFU); an activation budget of
+    # 0.9 lets the compiler recompute cheap activations and peaks at 49.1 GiB for ~2.5 points of MFU (measured,
+    # docs/benchmarks.md): headroom on an 80 GB card is worth more than that. `--activation-memory-budget 1` undoes it.
+    # d26/d32 are scaled from the first figure (activations per row grow ~1.7x and ~2.6x, optimizer state ~2x and
+    # ~3.4x), not measured; gradient accumulation keeps the total batch whatever the device batch.
+    "d20": dict(depth=20, device_batch_size=32, loss_chunk_size=8192, activation_memory_budget=0.9),
     "d26": dict(depth=26, device_batch_size=8, loss_chunk_size=8192),
     "d32": dict(depth=32, device_batch_size=4, loss_chunk_size=8192),
     # a CPU-sized run for laptops and CI: same code path, 60 steps of a depth-4 model on 256-token rows
@@ -242,7 +244,12 @@ def main(argv=None):
         raise ValueError(f"--activation-memory-budget {args.activation_memory_budget}: a fraction in (0, 1]")
     torch._functorch.config.activation_memory_budget = args.activation_memory_budget
     out = Path(args.out)
-    accelerator = Accelerator(log_with=None if args.report_to == "none" else args.report_to, project_dir=str(out))
+    accelerator = Accelerator(
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=str(out),
+        # the model's only buffers are the constant RoPE tables: no need for DDP to re-send them every forward
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     args.compile = device.type == "cuda" if args.compile is None else args.compile
