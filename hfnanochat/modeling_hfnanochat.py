@@ -579,8 +579,8 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
     def reset_weights(self):
         """(Re-)apply nanochat's initialisation to every parameter and buffer, e.g. after `to_empty`.
 
-        Not an override of `init_weights`: transformers' `from_pretrained` disables that one while it builds the
-        model on the meta device, and must, so that the non-persistent RoPE tables are filled after loading."""
+        Deliberately not an override of `init_weights`: `from_pretrained` turns that one off while it builds the
+        model on the meta device, which is what lets it fill the non-persistent RoPE tables after loading."""
         for module in self.modules():
             module._is_hf_initialized = False
             for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:

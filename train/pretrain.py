@@ -247,7 +247,8 @@ def main(argv=None):
     accelerator = Accelerator(
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=str(out),
-        # the model's only buffers are the constant RoPE tables: no need for DDP to re-send them every forward
+        # the model's buffers are constant RoPE tables (and an inference-only q/k/v stack): DDP need not re-send them
+        # from rank 0 before every forward
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
