@@ -15,7 +15,6 @@ import time
 
 import torch
 from accelerate import Accelerator
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth
 from hfnanochat.metrics import append_jsonl, peak_flops
@@ -31,8 +30,6 @@ def main():
     p.add_argument("--vocab-size", type=int, default=65536)
     p.add_argument("--window-pattern", default="L")
     p.add_argument("--attn", default="sdpa", help="sdpa | flex_attention | eager | flash_attention_3 ...")
-    p.add_argument("--sdpa-backend", choices=["auto", "cudnn"], default="auto",
-                   help="cudnn: SDPA tries cuDNN's fused attention before FlashAttention-2 (measured: no faster)")
     p.add_argument("--activation-memory-budget", type=float, default=1.0,
                    help="below 1: let the compiler recompute activations to fit this fraction of the saved memory")
     p.add_argument("--steps", type=int, default=8, help="measured optimizer steps")
@@ -43,12 +40,7 @@ def main():
     p.add_argument("--profile", action="store_true", help="profile one more step; print where its GPU time goes")
     args = p.parse_args()
     torch._functorch.config.activation_memory_budget = args.activation_memory_budget
-    # under torch.compile the kernel is chosen while tracing, so the preference must hold for the whole run
-    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]
-    if args.sdpa_backend == "cudnn":
-        order = order[-1:] + order[:-1]
-    with sdpa_kernel(order, set_priority=True):
-        run(args)
+    run(args)
 
 
 def run(args):
@@ -121,7 +113,6 @@ def run(args):
         grad_accum=grad_accum,
         window_pattern=args.window_pattern,
         attn=args.attn,
-        sdpa_backend=args.sdpa_backend,
         activation_memory_budget=args.activation_memory_budget,
         compile=not args.no_compile,
         loss_chunk_size=args.loss_chunk_size,

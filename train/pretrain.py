@@ -238,8 +238,9 @@ def check_resume_config(path: Path, config: HFNanoChatConfig, args):
 def main(argv=None):
     args = parse_args(argv)
     # Below 1, the compiler's partitioner recomputes in the backward pass whatever activations it takes to keep
-    # the saved ones under this fraction of what it would save otherwise (d20 at 32 rows: 0.9 -> 49 instead of
-    # 75 GiB for 1.4 points of MFU, docs/benchmarks.md): a way to fit a GPU with less memory besides fewer rows.
+    # the saved ones under this fraction of what it would save otherwise (d20 at 32 rows on an H100: 0.9 -> 49
+    # instead of 75 GiB for ~2.5 points of MFU, docs/benchmarks.md): a way to fit a GPU with less memory besides
+    # fewer rows.
     if not 0 < args.activation_memory_budget <= 1:
         raise ValueError(f"--activation-memory-budget {args.activation_memory_budget}: a fraction in (0, 1]")
     torch._functorch.config.activation_memory_budget = args.activation_memory_budget
