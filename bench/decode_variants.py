@@ -5,6 +5,8 @@
     python bench/decode_variants.py shipped --tokenizer tok  # stop tokens and the python-tool machine live
 
 Variants (all lost against `shipped` when measured, docs/benchmarks.md, so none is in the library):
+- cublas: without the Triton decode kernels (`hfnanochat.decode_kernels`): cuBLAS GEMMs, separate norms and adds,
+  SDPA, the engine as it was before them;
 - gemv: one-row matmuls as multiply + sum, so Inductor writes reduction kernels (and fuses ReLU^2, the softcap) in
   place of cuBLAS calls;
 - onequery: attention of the one new token as products + reductions in fp32 for Inductor to fuse, in place of SDPA;
@@ -22,10 +24,10 @@ import torch.nn.functional as F
 from transformers import CompileConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hfnanochat import HFNanoChatForCausalLM, config_for_depth
+from hfnanochat import HFNanoChatForCausalLM, config_for_depth, modeling_hfnanochat
 from hfnanochat.engine import Engine
 
-VARIANTS = {"shipped", "gemv", "onequery", "combo", "autotune", "cdt"}
+VARIANTS = {"shipped", "cublas", "gemv", "onequery", "combo", "autotune", "cdt"}
 
 
 def one_row_linear_as_reduction():
@@ -67,6 +69,8 @@ def main():
         p.error(f"unknown variant {sorted(parts - VARIANTS)}; choose among {sorted(VARIANTS)}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (the compiled static-cache step is the thing measured)")
+    if "cublas" in parts:
+        modeling_hfnanochat.decode_kernels_available = lambda tensor: False
     if "gemv" in parts:
         one_row_linear_as_reduction()
     if "onequery" in parts:

@@ -22,7 +22,8 @@ Notable:
   the model's `torch.compile`d forward (`get_compiled_call`, as `generate(cache_implementation="static")` uses):
   fixed shapes, so one graph (replayed as a CUDA graph) serves every step. The target is launch overhead: the seed's
   eager Engine ran at ~2% of the H100's bandwidth bound at batch 1 (performance-reliability.md B2). Our models
-  generate inside `model.fused_qkv()`: one GEMM for q, k and v per layer (restacked from the weights at each prefill).
+  generate inside `model.fast_decode()`: one GEMM for q, k and v per layer (restacked from the weights at each call)
+  and, at batch 1 on CUDA, Triton kernels with the norms and adds fused into the GEMVs (`decode_kernels`).
 
 Why forced tokens go one per step rather than in one multi-token forward: rows of a batch advance together, so a
 multi-token step for one row would leave holes in every other row's cache (masked slots), which grows a static cache
@@ -146,7 +147,7 @@ class Engine:
         else:
             self.stop_ids, self.pad_id, self.special, self.tool = set(), 0, {}, None
         self._decode_call = None  # the compiled forward, made on first use (compiling takes a while)
-        self._fused_qkv = getattr(model, "fused_qkv", None)  # our models: one q/k/v GEMM per layer while generating
+        self._fast_decode = getattr(model, "fast_decode", None)  # our models: fused q/k/v, decode kernels
 
     # ----------------------------------------------------------------------------------------------------------------
 
@@ -260,7 +261,7 @@ class Engine:
     def _generate(self, *args):
         # one q/k/v stack per call, built from the current weights (they may have changed since the last call, in
         # RL) and held for the whole generation: entering the context per step would cost ~40 us of Python a token
-        with self._fused_qkv() if self._fused_qkv else contextlib.nullcontext():
+        with self._fast_decode() if self._fast_decode else contextlib.nullcontext():
             yield from self._steps(*args)
 
     @torch.no_grad()

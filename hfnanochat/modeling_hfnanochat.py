@@ -31,6 +31,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hfnanochat import HFNanoChatConfig
+from .decode_kernels import available as decode_kernels_available
+from .decode_kernels import decode_attention, gemv
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x; our code
 # accepts both spellings and answers in the one this transformers expects.
@@ -127,9 +129,11 @@ class HFNanoChatAttention(nn.Module):
         self.o_proj = _linear(self.num_heads * self.head_dim, d, "matrix_out")
         # 2026 value embeddings: a per-kv-head gate read from the first 12 channels of the block input.
         self.ve_gate = _linear(12, self.num_key_value_heads, "gate") if config.has_value_embedding(layer_idx) else None
-        # inference only: q, k and v from one GEMM over the stacked weights (HFNanoChatPreTrainedModel.fused_qkv)
+        # inference only (HFNanoChatPreTrainedModel.fast_decode): q, k and v from one GEMM over the stacked weights,
+        # and the Triton attention for one-token steps
         self.qkv_sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
         self.use_fused_qkv = False
+        self.decode_kernels = False
         self.register_buffer("qkv_weight", None, persistent=False)
 
     def forward(
@@ -141,17 +145,23 @@ class HFNanoChatAttention(nn.Module):
         cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        B, T, _ = hidden_states.shape
-        eps = self.config.rms_norm_eps
         if self.use_fused_qkv and not torch.is_grad_enabled():
             q, k, v = F.linear(hidden_states, self.qkv_weight).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        out = self.attend(q, k, v, hidden_states, position_embeddings, attention_mask, value_embedding, cache, **kwargs)
+        return self.o_proj(out)
+
+    def attend(self, q, k, v, gate_input, position_embeddings, attention_mask, value_embedding, cache, **kwargs):
+        """Projected q, k, v (B, T, features) -> the attention output (B, T, H * hd) that o_proj reads: heads, value
+        embedding (its gate reads `gate_input`, the normed block input), RoPE, QK-norm, the cache, attention."""
+        B, T, _ = q.shape
+        eps = self.config.rms_norm_eps
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_key_value_heads, self.head_dim)
         v = v.view(B, T, self.num_key_value_heads, self.head_dim)
         if value_embedding is not None:
-            gate = 3 * torch.sigmoid(self.ve_gate(hidden_states[..., :12]))  # (B, T, Hkv), in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(gate_input[..., :12]))  # (B, T, Hkv), in (0, 3)
             v = v + gate.unsqueeze(-1) * value_embedding.view(B, T, self.num_key_value_heads, self.head_dim)
         cos, sin = position_embeddings
         # RoPE first, then QK-norm: nanochat's order (the norm keeps attention logits bounded after rotation).
@@ -161,6 +171,10 @@ class HFNanoChatAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        boolean_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
+        if self.decode_kernels and T == 1 and boolean_mask:
+            # one new token over an SDPA-style mask (True = attend; it also hides a static cache's unwritten slots)
+            return decode_attention(q, k, v, attention_mask, self.scaling).reshape(B, T, -1)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -175,7 +189,7 @@ class HFNanoChatAttention(nn.Module):
             sliding_window=self.sliding_window,
             **kwargs,
         )
-        return self.o_proj(out.reshape(B, T, -1))
+        return out.reshape(B, T, -1)
 
 
 class HFNanoChatMLP(nn.Module):
@@ -194,12 +208,32 @@ class HFNanoChatDecoderLayer(nn.Module):
         self.eps = config.rms_norm_eps
         self.self_attn = HFNanoChatAttention(config, layer_idx)
         self.mlp = HFNanoChatMLP(config)
+        self.decode_kernels = False  # set by HFNanoChatPreTrainedModel.fast_decode
 
     def forward(self, hidden_states, position_embeddings, attention_mask, value_embedding=None, cache=None, **kwargs):
+        if self.decode_kernels and hidden_states.shape[:-1].numel() == 1 and not torch.is_grad_enabled():
+            return self._decode_one_token(
+                hidden_states, position_embeddings, attention_mask, value_embedding, cache, **kwargs
+            )
         hidden_states = hidden_states + self.self_attn(
             rms_norm(hidden_states, self.eps), position_embeddings, attention_mask, value_embedding, cache, **kwargs
         )
         return hidden_states + self.mlp(rms_norm(hidden_states, self.eps))
+
+    def _decode_one_token(self, x, position_embeddings, attention_mask, value_embedding, cache, **kwargs):
+        """The block for a single token with the Triton GEMVs of `decode_kernels`: each RMSNorm folds into the GEMV
+        that reads it, ReLU² and the residual adds into the GEMVs that produce them. Seven kernels instead of ~15."""
+        attn = self.self_attn
+        if attn.ve_gate is None:
+            gate_input, qkv = None, gemv(x, attn.qkv_weight, norm_eps=self.eps)
+        else:  # the value-embedding gate reads the normed input itself
+            gate_input = rms_norm(x, self.eps)
+            qkv = gemv(gate_input, attn.qkv_weight)
+        q, k, v = qkv.split(attn.qkv_sizes, dim=-1)
+        out = attn.attend(q, k, v, gate_input, position_embeddings, attention_mask, value_embedding, cache, **kwargs)
+        x = gemv(out, attn.o_proj.weight, residual=x)
+        hidden = gemv(x, self.mlp.fc1.weight, norm_eps=self.eps, relu_square=True)
+        return gemv(hidden, self.mlp.fc2.weight, residual=x)
 
 
 class HFNanoChatPreTrainedModel(PreTrainedModel):
@@ -216,23 +250,28 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
 
     @contextlib.contextmanager
-    def fused_qkv(self):
-        """For inference: inside this context each attention layer computes q, k and v with one GEMM over the three
-        weights stacked. Decoding a token reads every weight once and runs hundreds of small kernels; at batch 1 three
-        small GEMMs cost nearly three times one of their combined size (docs/benchmarks.md). The Engine generates in
-        this context.
+    def fast_decode(self):
+        """For inference (the Engine generates inside it). Decoding a token reads every weight once and runs hundreds
+        of small kernels, so two things change while the context is held, both only with autograd off:
+
+        - each attention layer computes q, k and v with one GEMM over the three weights stacked (at batch 1 three
+          small GEMMs cost nearly three times one of their combined size, docs/benchmarks.md);
+        - where Triton runs (CUDA), a step of one token (batch 1) goes through the kernels of `decode_kernels`: GEMVs
+          with the RMSNorms, ReLU² and residual adds fused in, and a split-KV attention over the cache.
 
         Entering restacks from the current weights, in place when the layout is unchanged (a CUDA graph keeps
-        reading the same buffer; the memory of q, k and v once more). The stack is used only inside the context and
-        only with autograd off, so training and gradients always see the real weights. Layers whose projections are
-        not plain `nn.Linear` (PEFT adapters, quantised layers) keep their separate GEMMs.
+        reading the same buffer; the memory of q, k and v once more), so a weight update between two generations
+        (RL) is never stale. Training and gradients always see the real weights. Blocks whose projections are not
+        plain `nn.Linear` (PEFT adapters, quantised layers) keep their own modules' forward.
         """
-        layers = [
-            m for m in self.modules()
-            if isinstance(m, HFNanoChatAttention) and all(type(p) is nn.Linear for p in (m.q_proj, m.k_proj, m.v_proj))
-        ]  # fmt: skip
+        def plain(*modules):
+            return all(type(m) is nn.Linear for m in modules)
+
+        fused = [
+            m for m in self.modules() if isinstance(m, HFNanoChatAttention) and plain(m.q_proj, m.k_proj, m.v_proj)
+        ]
         with torch.no_grad():
-            for m in layers:
+            for m in fused:
                 weights = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
                 stack = m.qkv_weight
                 if stack is not None and (stack.shape[0], stack.dtype, stack.device) == (
@@ -241,14 +280,25 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
                     torch.cat(weights, out=stack)
                 else:
                     m.qkv_weight = torch.cat(weights)
-        previous = [m.use_fused_qkv for m in layers]
-        for m in layers:
-            m.use_fused_qkv = True
+        kernels = decode_kernels_available(next(self.parameters()))
+        switches = [(m, "use_fused_qkv") for m in fused]
+        if kernels:
+            switches += [(m, "decode_kernels") for m in fused]
+            switches += [
+                (block, "decode_kernels") for block in self.modules()
+                if isinstance(block, HFNanoChatDecoderLayer) and block.self_attn in fused
+                and plain(block.self_attn.o_proj, block.mlp.fc1, block.mlp.fc2)
+            ]  # fmt: skip
+            if isinstance(self, HFNanoChatForCausalLM) and plain(self.lm_head):
+                switches.append((self, "decode_kernels"))
+        previous = [getattr(m, name) for m, name in switches]
+        for m, name in switches:
+            setattr(m, name, True)
         try:
             yield
         finally:
-            for m, was in zip(layers, previous):
-                m.use_fused_qkv = was
+            for (m, name), was in zip(switches, previous):
+                setattr(m, name, was)
 
     def _init_weights(self, module: nn.Module) -> None:
         """nanochat's initialisation, per parameter-owning module (see `docs/architecture.md`).
@@ -475,6 +525,7 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = HFNanoChatModel(config)
         self.lm_head = _linear(config.hidden_size, config.vocab_size, "lm_head")
+        self.decode_kernels = False  # set by fast_decode
         self.post_init()
 
     def get_input_embeddings(self):
@@ -496,15 +547,18 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         and by TRL's fused head, which multiplies by `lm_head.weight` directly), while the GEMM sees a multiple of 64.
         """
         weight = self.lm_head.weight
-        padding = self.config.padded_vocab_size - weight.shape[0]
-        if padding and hidden_states.shape[:-1].numel() < 256:
-            # decoding a few tokens is bound by reading the weight; a padded copy would only add memory traffic
-            padding = 0
-        if padding:
-            weight = F.pad(weight, (0, 0, 0, padding))
-        logits = F.linear(hidden_states, weight)
-        if padding:
-            logits = logits[..., : self.config.vocab_size]
+        if self.decode_kernels and hidden_states.shape[:-1].numel() == 1 and not torch.is_grad_enabled():
+            logits = gemv(hidden_states, weight)  # one token: the Triton GEMV (fast_decode)
+        else:
+            padding = self.config.padded_vocab_size - weight.shape[0]
+            if padding and hidden_states.shape[:-1].numel() < 256:
+                # decoding a few tokens is bound by reading the weight; a padded copy would only add memory traffic
+                padding = 0
+            if padding:
+                weight = F.pad(weight, (0, 0, 0, padding))
+            logits = F.linear(hidden_states, weight)
+            if padding:
+                logits = logits[..., : self.config.vocab_size]
         logits = logits.float()  # softcap in fp32: tanh in bf16 loses the small differences between top logits
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)

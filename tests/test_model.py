@@ -358,13 +358,13 @@ def test_padded_head_matmul_equals_plain_projection():
         torch.testing.assert_close(model.compute_logits(hidden), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_qkv_equals_separate_projections_and_never_goes_stale():
+def test_fast_decode_fused_qkv_equals_separate_projections_and_never_goes_stale():
     model = random_model(tiny_config(**ALL_2026))  # GQA: q is wider than k and v
     ids = torch.randint(0, 97, (2, 12))
     keys = set(model.state_dict())
     with torch.no_grad():
         separate = model(input_ids=ids).logits
-        with model.fused_qkv():
+        with model.fast_decode():
             fused = model(input_ids=ids).logits
         torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
         attn = model.model.layers[0].self_attn
@@ -376,14 +376,14 @@ def test_fused_qkv_equals_separate_projections_and_never_goes_stale():
             layer.self_attn.k_proj.weight.mul_(-1.5)
         changed = model(input_ids=ids).logits
         assert not torch.allclose(changed, separate)
-        with model.fused_qkv():
+        with model.fast_decode():
             torch.testing.assert_close(model(input_ids=ids).logits, changed, rtol=1e-5, atol=1e-5)
         stack = attn.qkv_weight
-        with model.fused_qkv():  # restacked in place: a CUDA graph keeps reading the same buffer
+        with model.fast_decode():  # restacked in place: a CUDA graph keeps reading the same buffer
             assert attn.qkv_weight is stack
 
     # with autograd on the real projections run, so gradients reach q_proj, k_proj and v_proj
-    with model.fused_qkv():
+    with model.fast_decode():
         model(input_ids=ids, labels=ids).loss.backward()
     assert all(model.model.layers[0].self_attn.get_submodule(n).weight.grad is not None
                for n in ("q_proj", "k_proj", "v_proj"))  # fmt: skip

@@ -1,0 +1,138 @@
+"""The Triton decode kernels (`hfnanochat.decode_kernels`) against the unfused ops they replace, and the engine with
+them against the engine without them.
+
+Triton runs on CUDA, or on CPU under its interpreter, which must be switched on before Triton is first imported. So on
+a machine without a GPU, `test_kernels_under_the_triton_interpreter` re-runs this file in a fresh process with
+`TRITON_INTERPRET=1`; on a GPU the kernel tests run directly.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hfnanochat import decode_kernels
+from hfnanochat.engine import Engine
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_engine import ALL_2026, random_model, tiny_config  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    decode_kernels.triton is None or not (torch.cuda.is_available() or INTERPRETED),
+    reason="Triton runs on CUDA, or on CPU under TRITON_INTERPRET=1 (test_kernels_under_the_triton_interpreter)",
+)
+
+
+def ulps(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of `dtype` at the magnitude of x (the tolerance for a different rounding order)."""
+    return x.abs().clamp(min=1.0) * torch.finfo(dtype).eps
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, k", [(200, 96), (40, 1030)])  # rows left over in the last block; K past one block
+def test_gemv_equals_norm_linear_relu2_residual(dtype, n, k):
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, k, device=DEVICE).to(dtype) * 3
+    weight = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    residual = torch.randn(1, 1, n, device=DEVICE).to(dtype)
+    normed = F.rms_norm(x, (k,), eps=1e-6)
+    cases = {
+        "plain": (decode_kernels.gemv(x, weight), F.linear(x, weight)),
+        "norm": (decode_kernels.gemv(x, weight, norm_eps=1e-6), F.linear(normed, weight)),
+        "norm+relu2": (
+            decode_kernels.gemv(x, weight, norm_eps=1e-6, relu_square=True),
+            F.relu(F.linear(normed, weight)).square(),
+        ),
+        "residual": (decode_kernels.gemv(x, weight, residual=residual), residual + F.linear(x, weight)),
+    }
+    for name, (ours, ref) in cases.items():
+        assert ours.shape == ref.shape and ours.dtype == dtype, name
+        # fp32: summation order only; bf16: at most a couple of roundings apart (ReLU² doubles a relative error)
+        tolerance = 1e-5 if dtype == torch.float32 else 4 * ulps(ref.float(), dtype)
+        assert ((ours.float() - ref.float()).abs() <= tolerance).all(), name
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa_with_gqa_padding_and_unwritten_slots(dtype):
+    torch.manual_seed(0)
+    B, H, Hkv, S, D = 3, 4, 2, 150, 16  # S: not a multiple of the chunk
+    q = torch.randn(B, 1, H, D, device=DEVICE).to(dtype).transpose(1, 2)  # the model's layout: a transposed view
+    k, v = (torch.randn(B, Hkv, S, D, device=DEVICE).to(dtype) for _ in range(2))
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=DEVICE)
+    mask[0, ..., :100] = True  # a static cache written up to slot 100
+    mask[1, ..., 37:120] = True  # left padding, then unwritten slots
+    mask[2, ..., 149] = True  # one slot, in the last chunk
+    ours = decode_kernels.decode_attention(q, k, v, mask, scaling=0.3)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.3, enable_gqa=True)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours.float(), ref.transpose(1, 2), atol=tolerance, rtol=tolerance)
+    nothing = torch.zeros_like(mask)
+    assert (decode_kernels.decode_attention(q, k, v, nothing, 0.3) == 0).all()  # never NaN
+
+
+@needs_triton
+def test_bad_shapes_are_clear_errors():
+    x = torch.randn(2, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="one row"):
+        decode_kernels.gemv(x, torch.randn(4, 8, device=DEVICE))
+    q = torch.randn(1, 4, 2, 16, device=DEVICE)
+    kv = torch.randn(1, 2, 10, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="one query"):
+        decode_kernels.decode_attention(q, kv, kv, torch.ones(1, 1, 2, 10, dtype=torch.bool, device=DEVICE), 1.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("options", [{}, ALL_2026], ids=["seed", "2026"])
+def test_engine_with_decode_kernels_equals_engine_without(options):
+    """Batch 1 runs whole blocks through the kernels (norms folded into the GEMVs; 2026 value-embedding layers keep
+    their norm), a batch of two only the attention; both must make the tokens of the unfused model."""
+    model = random_model(tiny_config(**options)).to(DEVICE)
+    prompts = [[1, 5, 9, 33, 70, 2, 8], [1, 400, 2, 3]]
+    for batch in (prompts[:1], prompts):
+        plain = Engine(model, None, cache_implementation="static", compile=False)
+        plain._fast_decode = None
+        expected = plain.generate_batch(batch, max_new_tokens=8, temperature=0.0)
+        engine = Engine(model, None, cache_implementation="static", compile=False)
+        assert engine.generate_batch(batch, max_new_tokens=8, temperature=0.0) == expected
+    with model.fast_decode():
+        assert all(layer.decode_kernels for layer in model.model.layers) and model.decode_kernels
+    assert not any(layer.decode_kernels for layer in model.model.layers) and not model.decode_kernels
+    # logits of one step agree with the unfused forward to fp32 rounding
+    ids, step = torch.tensor([prompts[0]], device=DEVICE), torch.tensor([[7]], device=DEVICE)
+    def next_logits():
+        prefill = model(ids, use_cache=True)
+        cache = getattr(prefill, "cache", None) or prefill.past_key_values  # renamed during transformers 5.x
+        return model(step, cache=cache, use_cache=True).logits
+
+    with torch.no_grad():
+        reference = next_logits()
+        with model.fast_decode():
+            fused = next_logits()
+    torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_fast_decode_without_triton_device_keeps_the_unfused_path():
+    if torch.cuda.is_available() or INTERPRETED:
+        pytest.skip("Triton can run here")
+    model = random_model(tiny_config())
+    with model.fast_decode():
+        assert model.model.layers[0].self_attn.use_fused_qkv
+        assert not model.model.layers[0].decode_kernels and not model.decode_kernels
+
+
+@pytest.mark.skipif(decode_kernels.triton is None, reason="Triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETED, reason="the kernel tests run directly here")
+def test_kernels_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" in r.stdout  # the kernel tests ran; only this one skipped itself
