@@ -3,9 +3,11 @@
     python bench/decode_kernels.py              # d20 shapes: the GEMVs of a block and the head, one-query attention
     python bench/decode_kernels.py --quick      # only the configs the library picks
 
-Each measurement is a CUDA graph of one launch per layer over `--layers` distinct weights (or caches), replayed: what
-a compiled decode step sees (no launch overhead, no L2 reuse between layers). Reported per launch, with the HBM
-bandwidth that implies (bytes of weight or cache read / time). The library's choice is marked with `*`. Needs CUDA.
+Each GEMV runs with the fusion the model uses at that place (RMSNorm folded into q/k/v and fc1, a residual add
+after o_proj and fc2; cuBLAS does neither). Each measurement is a CUDA graph of one launch per layer over `--layers`
+distinct weights (or caches), replayed: what a compiled decode step sees (no launch overhead, no L2 reuse between
+layers). Reported per launch, with the HBM bandwidth that implies (bytes of weight or cache read / time). The
+library's choice is marked with `*`. Needs CUDA.
 """
 
 import argparse
@@ -41,20 +43,21 @@ def time_graph(launch, n_layers: int, replays: int = 50) -> float:
     return start.elapsed_time(end) * 1000 / (replays * n_layers)
 
 
-def bench_gemv(n, k, n_layers, quick):
+def bench_gemv(n, k, n_layers, quick, norm=False, residual=False):
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_layers)]
     x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(1, 1, n, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(1, 1, n, device="cuda", dtype=torch.bfloat16)
     gbytes = n * k * 2 / 1e3  # per microsecond -> GB/s
     results = [("cuBLAS F.linear", time_graph(lambda i: F.linear(x, weights[i]), n_layers))]
     chosen = dk._gemv_config(n, k)
-    sweep = set(itertools.product((1, 2, 4, 8, 16), (128, 256, 512, 1024), (1, 2, 4, 8)))  # BLOCK_N, BLOCK_K, warps
-    configs = [chosen] if quick else sorted(sweep | {chosen})
+    sweep = itertools.product((1, 2, 4, 8, 16), (128, 256, 512, 1024, 2048), (1, 2, 4, 8))  # BLOCK_N, BLOCK_K, warps
+    configs = [chosen] if quick else sorted(set(sweep) | {chosen})
     for block_n, block_k, warps in configs:
 
         def launch(i, block_n=block_n, block_k=block_k, warps=warps):
             dk._gemv_kernel[(triton.cdiv(n, block_n),)](
-                x, weights[i], out, out, n, k, 1e-6, NORM=True, RELU_SQUARE=False, RESIDUAL=False,
+                x, weights[i], out, res, n, k, 1e-6, NORM=norm, RELU_SQUARE=False, RESIDUAL=residual,
                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
             )  # fmt: skip
 
@@ -134,10 +137,13 @@ def main():
         p.error("needs a CUDA GPU")
     d = args.hidden
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    shapes = [("qkv", 3 * d, d, args.layers), ("o_proj", d, d, args.layers), ("fc1", 4 * d, d, args.layers),
-              ("fc2", d, 4 * d, args.layers), ("lm_head", args.vocab, d, 1)]  # fmt: skip
-    for name, n, k, layers in shapes:
-        report(f"GEMV {name} ({n} x {k}), {layers} weights", bench_gemv(n, k, layers, args.quick), args.top)
+    # name, N, K, weights, and the fusion the model asks of that GEMV: RMSNorm folded in or a residual add
+    shapes = [("qkv", 3 * d, d, args.layers, True, False), ("o_proj", d, d, args.layers, False, True),
+              ("fc1", 4 * d, d, args.layers, True, False), ("fc2", d, 4 * d, args.layers, False, True),
+              ("lm_head", args.vocab, d, 1, False, False)]  # fmt: skip
+    for name, n, k, layers, norm, residual in shapes:
+        rows = bench_gemv(n, k, layers, args.quick, norm, residual)
+        report(f"GEMV {name} ({n} x {k}), {layers} weights, norm={norm} residual={residual}", rows, args.top)
     heads = d // 128
     for batch in (1, 32):
         used = args.slots * 5 // 6

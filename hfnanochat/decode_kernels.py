@@ -33,14 +33,15 @@ def available(tensor: torch.Tensor) -> bool:
 
 
 def _gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for an (n x k) weight, the best of a sweep on an H200 (bench/decode_kernels.py):
-    few, wide programs when n is small (enough loads in flight per SM), many narrow ones for a large head."""
+    """(BLOCK_N, BLOCK_K, num_warps) for an (n x k) weight, from a sweep on an H200 (bench/decode_kernels.py): a
+    whole row per loop step when n is small (few programs, each with many loads in flight), narrow blocks for a
+    large head."""
     if n >= 16384:
-        block_n, block_k, warps = 4, 256, 1
+        block_n, block_k, warps = 2, 256, 1
     elif n <= 2048:
-        block_n, block_k, warps = (2 if k >= 4096 else 4), 1024, 8
+        block_n, block_k, warps = 2, 2048, 2
     else:
-        block_n, block_k, warps = 8, 512, 4
+        block_n, block_k, warps = 8, 512, 2
     return block_n, min(block_k, triton.next_power_of_2(k)), warps
 
 
@@ -64,26 +65,25 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
-        rstd = 1.0
-        if NORM:
-            # F.rms_norm in fp32 on the whole row, then rounded to the activations' dtype, as the unfused model does
-            squares = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-                squares += x * x
-            # casts: under Inductor a Python float argument arrives as fp64
-            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + tl.cast(eps, tl.float32))
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             col_ok = k0 + cols < K
-            x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0)
-            if NORM:
-                x = (x.to(tl.float32) * rstd).to(x_ptr.dtype.element_ty)
+            x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + rows[:, None] * K + (k0 + cols)[None, :], mask=row_ok[:, None] & col_ok[None, :],
                         other=0.0)  # fmt: skip
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            acc += w.to(tl.float32) * x[None, :]
+            if NORM:
+                squares += x * x
+        dot = tl.sum(acc, axis=1)
+        if NORM:
+            # RMSNorm is a scale of the whole row, so it can be applied after the dot product: one pass over x and
+            # the weight instead of a pass for the row's RMS first (a round trip to memory per loop step). The
+            # unfused model rounds the normed row to bf16 before its GEMM; this skips that rounding. The cast:
+            # under Inductor a Python float argument arrives as fp64.
+            dot = dot / tl.sqrt(tl.sum(squares, axis=0) / K + tl.cast(eps, tl.float32))
         # fp32 arithmetic with the unfused ops' roundings to the activations' dtype in between
-        y = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y = dot.to(out_ptr.dtype.element_ty).to(tl.float32)
         if RELU_SQUARE:
             y = tl.maximum(y, 0.0)
             y = (y * y).to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -196,7 +196,8 @@ def gemv(
 ) -> torch.Tensor:
     """`F.linear(x, weight)` for a single row x (any leading shape of one element), bias-free, with optional fusions:
     `norm_eps` applies nanochat's RMSNorm to x first, `relu_square` applies ReLU² to the output, `residual` is added
-    to it last: `residual + relu²(rms_norm(x) @ weight.T)`. Rounds like the unfused ops, accumulates in fp32."""
+    to it last: `residual + relu²(rms_norm(x) @ weight.T)`. Accumulates in fp32 and rounds the output like the
+    unfused ops; the normed input is not rounded to x's dtype before the product (the unfused GEMM reads it so)."""
     if x.shape[:-1].numel() != 1 or x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype:
         raise ValueError(f"gemv takes one row matching the weight: x {tuple(x.shape)} {x.dtype}, "
                          f"weight {tuple(weight.shape)} {weight.dtype}")  # fmt: skip
