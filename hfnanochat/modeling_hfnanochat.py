@@ -211,7 +211,9 @@ class HFNanoChatDecoderLayer(nn.Module):
         self.decode_kernels = False  # set by HFNanoChatPreTrainedModel.fast_decode
 
     def forward(self, hidden_states, position_embeddings, attention_mask, value_embedding=None, cache=None, **kwargs):
-        if self.decode_kernels and hidden_states.shape[:-1].numel() == 1 and not torch.is_grad_enabled():
+        one_token = hidden_states.shape[:-1].numel() == 1 and not torch.is_grad_enabled()
+        # (under autocast the activations' dtype differs from fp32 weights: then the unfused ops below)
+        if self.decode_kernels and one_token and hidden_states.dtype == self.self_attn.qkv_weight.dtype:
             return self._decode_one_token(
                 hidden_states, position_embeddings, attention_mask, value_embedding, cache, **kwargs
             )
@@ -222,7 +224,7 @@ class HFNanoChatDecoderLayer(nn.Module):
 
     def _decode_one_token(self, x, position_embeddings, attention_mask, value_embedding, cache, **kwargs):
         """The block for a single token with the Triton GEMVs of `decode_kernels`: each RMSNorm folds into the GEMV
-        that reads it, ReLU² and the residual adds into the GEMVs that produce them. Seven kernels instead of ~15."""
+        that reads it, ReLU² and the residual adds into the GEMVs that produce them. Nine kernels instead of ~15."""
         attn = self.self_attn
         if attn.ve_gate is None:
             gate_input, qkv = None, gemv(x, attn.qkv_weight, norm_eps=self.eps)
@@ -547,7 +549,8 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         and by TRL's fused head, which multiplies by `lm_head.weight` directly), while the GEMM sees a multiple of 64.
         """
         weight = self.lm_head.weight
-        if self.decode_kernels and hidden_states.shape[:-1].numel() == 1 and not torch.is_grad_enabled():
+        one_token = hidden_states.shape[:-1].numel() == 1 and not torch.is_grad_enabled()
+        if self.decode_kernels and one_token and hidden_states.dtype == weight.dtype:
             logits = gemv(hidden_states, weight)  # one token: the Triton GEMV (fast_decode)
         else:
             padding = self.config.padded_vocab_size - weight.shape[0]

@@ -29,6 +29,13 @@ needs_triton = pytest.mark.skipif(
 )
 
 
+def next_token_logits(model, prompt: list[int], token: int) -> torch.Tensor:
+    """Logits of one decode step: prefill `prompt` into a cache, then feed `token`."""
+    prefill = model(torch.tensor([prompt], device=DEVICE), use_cache=True)
+    cache = getattr(prefill, "cache", None) or prefill.past_key_values  # renamed during transformers 5.x
+    return model(torch.tensor([[token]], device=DEVICE), cache=cache, use_cache=True).logits
+
+
 def ulps(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """One unit in the last place of `dtype` at the magnitude of x (the tolerance for a different rounding order)."""
     return x.abs().clamp(min=1.0) * torch.finfo(dtype).eps
@@ -117,6 +124,18 @@ def test_engine_with_decode_kernels_equals_engine_without(options):
         with model.fast_decode():
             fused = next_logits()
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_fast_decode_under_autocast_keeps_fp32_weights_out_of_the_gemvs():
+    """Autocast makes the activations bf16 over fp32 weights: the blocks and the head fall back to the unfused ops
+    (which autocast casts), the attention kernel takes the bf16 q/k/v; the step must still run and agree."""
+    model = random_model(tiny_config()).to(DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        reference = next_token_logits(model, [1, 5, 9, 33, 70], 7)
+        with model.fast_decode():
+            fused = next_token_logits(model, [1, 5, 9, 33, 70], 7)
+    torch.testing.assert_close(fused, reference, atol=0.1, rtol=0.02)
 
 
 def test_fast_decode_without_triton_device_keeps_the_unfused_path():
