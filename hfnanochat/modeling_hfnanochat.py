@@ -285,7 +285,8 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
         kernels = decode_kernels_available(next(self.parameters()))
         switches = [(m, "use_fused_qkv") for m in fused]
         if kernels:
-            switches += [(m, "decode_kernels") for m in fused]
+            # the attention kernel holds a head in one power-of-two block (nanochat's heads are 128 wide)
+            switches += [(m, "decode_kernels") for m in fused if m.head_dim & (m.head_dim - 1) == 0]
             switches += [
                 (block, "decode_kernels") for block in self.modules()
                 if isinstance(block, HFNanoChatDecoderLayer) and block.self_attn in fused

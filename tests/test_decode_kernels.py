@@ -97,20 +97,23 @@ def test_bad_shapes_are_clear_errors():
 
 
 @needs_triton
-@pytest.mark.parametrize("options", [{}, ALL_2026], ids=["seed", "2026"])
+@pytest.mark.parametrize("options", [{}, ALL_2026, {"hidden_size": 96}], ids=["seed", "2026", "head24"])
 def test_engine_with_decode_kernels_equals_engine_without(options):
     """Batch 1 runs whole blocks through the kernels (norms folded into the GEMVs; 2026 value-embedding layers keep
-    their norm), a batch of two only the attention; both must make the tokens of the unfused model."""
+    their norm), a batch of two only the attention; both must make the tokens of the unfused model. Heads of 24
+    (not a power of two) keep SDPA under the GEMVs."""
     model = random_model(tiny_config(**options)).to(DEVICE)
     prompts = [[1, 5, 9, 33, 70, 2, 8], [1, 400, 2, 3]]
     for batch in (prompts[:1], prompts):
         plain = Engine(model, None, cache_implementation="static", compile=False)
         plain._fast_decode = None
-        expected = plain.generate_batch(batch, max_new_tokens=8, temperature=0.0)
+        expected = plain.generate_batch(batch, max_new_tokens=5, temperature=0.0)
         engine = Engine(model, None, cache_implementation="static", compile=False)
-        assert engine.generate_batch(batch, max_new_tokens=8, temperature=0.0) == expected
+        assert engine.generate_batch(batch, max_new_tokens=5, temperature=0.0) == expected
     with model.fast_decode():
         assert all(layer.decode_kernels for layer in model.model.layers) and model.decode_kernels
+        power_of_two = model.config.head_dim in (16, 128)
+        assert all(layer.self_attn.decode_kernels == power_of_two for layer in model.model.layers)
     assert not any(layer.decode_kernels for layer in model.model.layers) and not model.decode_kernels
     # logits of one step agree with the unfused forward to fp32 rounding
     ids, step = torch.tensor([prompts[0]], device=DEVICE), torch.tensor([[7]], device=DEVICE)
