@@ -329,6 +329,7 @@ def _dist_worker(rank, init_file, out_dir):
     partial[rank::2] = G[rank::2]
     shared = MuonAdamW._orthogonalize_shared(partial, "newton_schulz", 5)
     torch.save({"params": params, "state": state, "shared": shared}, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # neither rank tears gloo down while the other may still be in a collective
     dist.destroy_process_group()
 
 
@@ -368,6 +369,7 @@ def _fsdp_worker(rank, init_file, out_dir):
             p.grad = torch.distributed.tensor.distribute_tensor(g.clone(), p.device_mesh, p.placements)
         opt.step()
     torch.save([p.full_tensor().detach() for p in params], f"{out_dir}/fsdp{rank}.pt")
+    dist.barrier()
     dist.destroy_process_group()
 
 
