@@ -80,7 +80,7 @@ def bench_attention(batch, heads, head_dim, slots, used, n_layers, quick):
     gbytes = 2 * batch * heads * slots * head_dim * 2 / 1e3
     sdpa = time_graph(lambda i: F.scaled_dot_product_attention(q, *caches[i], attn_mask=mask, scale=scale), n_layers)
     results = [("SDPA (bool mask, as the model calls it)", sdpa)]
-    chosen = dk._attention_config(batch, heads, slots)
+    chosen = dk._attention_config(slots)
     sweep = set(itertools.product((32, 64, 128, 256, 512), (16, 32, 64), (2, 4, 8)))  # CHUNK, BLOCK_S, warps
     configs = [chosen] if quick else sorted(sweep | {chosen})
     for chunk, block_s, warps in configs:

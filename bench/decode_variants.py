@@ -4,7 +4,8 @@
     python bench/decode_variants.py onequery               # variants, alone or joined by "+", e.g. gemv+combo
     python bench/decode_variants.py shipped --tokenizer tok  # stop tokens and the python-tool machine live
 
-Variants (all lost against `shipped` when measured, docs/benchmarks.md, so none is in the library):
+Variants, each slower than `shipped` when measured (docs/benchmarks.md). `cublas` switches off a part of the library;
+the others patch in alternatives that are not in it:
 - cublas: without the Triton decode kernels (`hfnanochat.decode_kernels`): cuBLAS GEMMs, separate norms and adds,
   SDPA, the engine as it was before them;
 - gemv: one-row matmuls as multiply + sum, so Inductor writes reduction kernels (and fuses ReLU^2, the softcap) in

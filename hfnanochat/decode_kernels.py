@@ -45,7 +45,7 @@ def _gemv_config(n: int, k: int) -> tuple[int, int, int]:
     return block_n, min(block_k, triton.next_power_of_2(k)), warps
 
 
-def _attention_config(batch: int, heads: int, slots: int) -> tuple[int, int, int]:
+def _attention_config(slots: int) -> tuple[int, int, int]:
     """(CHUNK, BLOCK_S, num_warps): cache slots per program, per loop step, warps. 64-slot chunks were the best of a
     sweep on an H200 (bench/decode_kernels.py) at 768 slots, batch 1 and 32; caches longer than 4,096 slots get
     longer chunks, so that the combine kernel merges at most 64."""
@@ -167,7 +167,7 @@ if triton is not None:
     ) -> torch.Tensor:
         B, H, _, D = query.shape
         S = key.shape[2]
-        chunk, block_s, warps = _attention_config(B, H, S)
+        chunk, block_s, warps = _attention_config(S)
         n_splits = triton.cdiv(S, chunk)
         m = torch.empty(B * H, n_splits, dtype=torch.float32, device=query.device)
         l_sum = torch.empty_like(m)
