@@ -12,7 +12,8 @@ the others patch in alternatives that are not in it:
   place of cuBLAS calls;
 - onequery: attention of the one new token as products + reductions in fp32 for Inductor to fuse, in place of SDPA;
 - combo: Inductor's horizontal fusion (`combo_kernels`); autotune: `max_autotune` (Triton GEMM templates);
-  cdt: `coordinate_descent_tuning`.
+  cdt: `coordinate_descent_tuning`; noguards: dynamo skips its guard checks on each call after the warm-up
+  (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`), to see what the host's share of a step is.
 Depth 20, bf16, nanochat init, a random 512-token prompt, 256 greedy tokens; decode tok/s = 255 / (t(256) - t(1)),
 medians of 3 after a warm-up (compilation), as in bench/decode.py. Needs CUDA.
 """
@@ -28,7 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth, modeling_hfnanochat
 from hfnanochat.engine import Engine
 
-VARIANTS = {"shipped", "cublas", "gemv", "onequery", "combo", "autotune", "cdt"}
+VARIANTS = {"shipped", "cublas", "gemv", "onequery", "combo", "autotune", "cdt", "noguards"}
 
 
 def one_row_linear_as_reduction():
@@ -63,7 +64,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("variant", help=f"one of {sorted(VARIANTS)}, or several joined by '+'")
     p.add_argument("--tokenizer", default=None, help="chat tokenizer folder: stop tokens and the tool machine live")
-    p.add_argument("--profile", action="store_true", help="print the GPU time per token of the top kernels")
+    p.add_argument("--profile", action="store_true", help="print a decode step's GPU time and its top kernels")
+    p.add_argument("--top", type=int, default=28, help="kernels listed by --profile")
     args = p.parse_args()
     parts = set(args.variant.split("+"))
     if parts - VARIANTS:
@@ -101,6 +103,8 @@ def main():
     t0 = time.perf_counter()
     run(1), run(256)
     warmup = time.perf_counter() - t0
+    if "noguards" in parts:
+        torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
     t1 = sorted(run(1) for _ in range(3))[1]
     t256 = sorted(run(256) for _ in range(3))[1]
     print(f"{args.variant}: decode {255 / (t256 - t1):.0f} tok/s at batch 1 on {torch.cuda.get_device_name()} "
@@ -108,16 +112,30 @@ def main():
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run(33)
-        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-        total = sum(e.self_device_time_total for e in events)
-        print(f"GPU time per token (prefill + 32 steps, /33): {total / 33:.0f} us; "
-              f"kernels per token {sum(e.count for e in events) / 33:.0f}")
-        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:28]:
-            print(f"{e.self_device_time_total / 33:8.1f} us/tok {e.count / 33:6.1f}/tok "
-                  f"{e.self_device_time_total / max(e.count, 1):7.2f} us each  {e.key[:90]}")
+        def kernels(n):
+            """The GPU events (kernels, copies) of one generation of n tokens, in time order."""
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run(n)
+            events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+            return sorted(events, key=lambda e: e.time_range.start)
 
+        # a decode step's events: a generation of 33 tokens after the events of one of 1 (the prefill, first sample)
+        prefill = kernels(1)
+        steps = kernels(33)[len(prefill):]
+        per_kernel = {}
+        for e in steps:
+            us, count = per_kernel.get(e.key, (0.0, 0))
+            per_kernel[e.key] = (us + e.time_range.elapsed_us() / 32, count + 1 / 32)
+        busy = sum(e.time_range.elapsed_us() for e in steps) / 32
+        wall = (steps[-1].time_range.end - steps[0].time_range.start) / 32
+        gaps = [b.time_range.start - a.time_range.end for a, b in zip(steps, steps[1:])]
+        short = sum(g for g in gaps if g < 5) / 32
+        print(f"per decode step: {wall:.0f} us of GPU timeline = {busy:.0f} us in {len(steps) / 32:.0f} kernels and "
+              f"copies + {short:.0f} us of gaps under 5 us (launch to launch inside a graph) + "
+              f"{wall - busy - short:.0f} us of longer gaps (the GPU waiting for the host); prefill "
+              f"{sum(e.time_range.elapsed_us() for e in prefill) / 1000:.2f} ms of kernels")
+        for key, (us, count) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]:
+            print(f"{us:8.1f} us/step {count:6.1f}/step {us / count:7.2f} us each  {key[:90]}")
 
 if __name__ == "__main__":
     main()

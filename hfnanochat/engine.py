@@ -23,7 +23,9 @@ Notable:
   fixed shapes, so one graph (replayed as a CUDA graph) serves every step. The target is launch overhead: the seed's
   eager Engine ran at ~2% of the H100's bandwidth bound at batch 1 (performance-reliability.md B2). Our models
   generate inside `model.fast_decode()`: one GEMM for q, k and v per layer (restacked from the weights at each call)
-  and, at batch 1 on CUDA, Triton kernels with the norms and adds fused into the GEMVs (`decode_kernels`).
+  and, at batch 1 on CUDA, Triton kernels with the norms and adds fused into the GEMVs (`decode_kernels`). The
+  StaticCache outlives the call and is reset for the next one of the same shape: the CUDA graph is recorded over
+  the cache's addresses, so a new cache per call (a chat turn, an RL rollout) would record it again each time.
 
 Why forced tokens go one per step rather than in one multi-token forward: rows of a batch advance together, so a
 multi-token step for one row would leave holes in every other row's cache (masked slots), which grows a static cache
@@ -110,7 +112,8 @@ class Engine:
         is a plain sampler: no stop tokens and no tool (benchmarks on random weights).
     tool: `expr -> str | None`, called on the text of each python call; None disables tool use.
     cache_implementation: "dynamic" or "static"; compile: decode through `model.get_compiled_call`. Both default to
-        static + compiled on CUDA and dynamic, uncompiled elsewhere.
+        static + compiled on CUDA and dynamic, uncompiled elsewhere. A static engine keeps its last StaticCache for
+        the next call of the same shape (`clear_cache` frees it).
     """
 
     def __init__(
@@ -147,7 +150,14 @@ class Engine:
         else:
             self.stop_ids, self.pad_id, self.special, self.tool = set(), 0, {}, None
         self._decode_call = None  # the compiled forward, made on first use (compiling takes a while)
+        # the last call's StaticCache, reused (see _static_copy), and the generation using it now, if any
+        self._static_cache, self._static_key, self._static_owner = None, None, None
         self._fast_decode = getattr(model, "fast_decode", None)  # our models: fused q/k/v, decode kernels
+
+    def clear_cache(self) -> None:
+        """Free the StaticCache kept from the last call (see `_static_copy`), e.g. to give its memory to a training
+        step between two RL rollouts. The next call allocates a new one, and its CUDA graph is recorded again."""
+        self._static_cache, self._static_key = None, None
 
     # ----------------------------------------------------------------------------------------------------------------
 
@@ -163,21 +173,46 @@ class Engine:
         # a copy: with CUDA graphs the logits live in a buffer that the next replay overwrites
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
-    def _static_copy(self, cache: DynamicCache, capacity: int) -> StaticCache:
+    def _static_copy(self, cache: DynamicCache, capacity: int, owner: object) -> StaticCache:
         """The prefilled (and fanned-out) dynamic cache, written into a StaticCache through its own `update`, which
         also keeps only the window of sliding layers. StaticCache has no batch_repeat_interleave, hence prefilling
-        into a dynamic cache first."""
-        static = StaticCache(config=self.model.config, max_cache_len=capacity)
-        if len(static.layers) != len(cache.layers):
-            raise ValueError(f"StaticCache has {len(static.layers)} layers but the model filled {len(cache.layers)}")
+        into a dynamic cache first.
+
+        The StaticCache of the previous call is reset and reused when the shapes match: the compiled step's CUDA
+        graph reads the cache at the addresses it was recorded with, and a new cache at new addresses makes
+        torch.compile record the graph again (milliseconds per call, and a node more in its tree each time). So a
+        chat turn or an RL rollout of the same shape as the last one replays the recorded graph."""
+        first = cache.layers[0].keys
+        key = (capacity, tuple(first.shape[:2]), first.dtype, first.device, hasattr(cache, _SMEAR_STATE))
+        if self._static_owner is not None:  # another generation, not run to its end yet, is using it
+            static, owned = None, False
+        else:
+            static = self._static_cache if self._static_key == key else None
+            owned = True
+            self._static_owner = owner
+        if static is None:
+            if owned:
+                self._static_cache = None  # the old cache's memory is free for the new one
+            static = StaticCache(config=self.model.config, max_cache_len=capacity)
+            if len(static.layers) != len(cache.layers):
+                raise ValueError(
+                    f"StaticCache has {len(static.layers)} layers but the model filled {len(cache.layers)}"
+                )
+        else:
+            static.reset()  # zeroed slots and write positions, as a new cache has them; same tensors
         for dst, src in zip(static.layers, cache.layers):
             dst.update(src.keys, src.values)
         if hasattr(cache, _SMEAR_STATE):
             # a buffer of its own that the model updates in place, at a fixed address like the cache's keys: the
             # compiled step reads and writes it inside one CUDA graph replay
-            prev = getattr(cache, _SMEAR_STATE).clone()
-            torch._dynamo.mark_static_address(prev)
-            setattr(static, _SMEAR_STATE, prev)
+            if hasattr(static, _SMEAR_STATE):
+                getattr(static, _SMEAR_STATE).copy_(getattr(cache, _SMEAR_STATE))
+            else:
+                prev = getattr(cache, _SMEAR_STATE).clone()
+                torch._dynamo.mark_static_address(prev)
+                setattr(static, _SMEAR_STATE, prev)
+        if owned:
+            self._static_cache, self._static_key = static, key
         return static
 
     def _tool_step(self, row: _Row, token: int) -> None:
@@ -261,11 +296,16 @@ class Engine:
     def _generate(self, *args):
         # one q/k/v stack per call, built from the current weights (they may have changed since the last call, in
         # RL) and held for the whole generation: entering the context per step would cost ~40 us of Python a token
-        with self._fast_decode() if self._fast_decode else contextlib.nullcontext():
-            yield from self._steps(*args)
+        owner = object()
+        try:
+            with self._fast_decode() if self._fast_decode else contextlib.nullcontext():
+                yield from self._steps(*args, owner)
+        finally:  # run to its end, closed, or dropped: the static cache is free for the next call
+            if self._static_owner is owner:
+                self._static_owner = None
 
     @torch.no_grad()
-    def _steps(self, batch, num_samples, max_new_tokens, temperature, top_k, top_p, seed):
+    def _steps(self, batch, num_samples, max_new_tokens, temperature, top_k, top_p, seed, owner):
         model, device = self.model, self.device
         n_rows = len(batch) * num_samples
 
@@ -298,7 +338,7 @@ class Engine:
         attention_mask = torch.ones((n_rows, capacity), dtype=torch.long, device=device)
         attention_mask[:, :width] = prompt_mask
         if self.static:
-            cache = self._static_copy(cache, capacity)
+            cache = self._static_copy(cache, capacity, owner)
             if self.compile and self._decode_call is None:
                 self._decode_call = model.get_compiled_call(getattr(model.generation_config, "compile_config", None))
         decode = self._decode_call if self.compile else model

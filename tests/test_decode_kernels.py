@@ -81,6 +81,10 @@ def test_decode_attention_equals_sdpa_with_gqa_padding_and_unwritten_slots(dtype
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.3, enable_gqa=True)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(ours.float(), ref.transpose(1, 2), atol=tolerance, rtol=tolerance)
+    # what a masked slot holds never leaks in, not even inf or NaN (an unwritten or stale static-cache slot)
+    hidden = ~mask[:, 0, 0][:, None, :, None].expand_as(k)
+    k_dirty, v_dirty = k.masked_fill(hidden, float("nan")), v.masked_fill(hidden, float("inf"))
+    torch.testing.assert_close(decode_kernels.decode_attention(q, k_dirty, v_dirty, mask, scaling=0.3), ours)
     nothing = torch.zeros_like(mask)
     assert (decode_kernels.decode_attention(q, k, v, nothing, 0.3) == 0).all()  # never NaN
 

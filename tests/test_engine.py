@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM
-from hfnanochat.engine import Engine, sample_next_token
+from hfnanochat.engine import STATIC_CACHE_BUCKET, Engine, sample_next_token
 from hfnanochat.tokenizer import get_special_token_ids, train_tokenizer
 
 ALL_2026 = dict(
@@ -169,6 +169,50 @@ def test_streaming_rows_and_batch_equal_one_by_one(tokenizer):
             assert streamed == batched[p][s].tokens == alone.tokens
 
 
+def test_static_cache_is_reused_across_calls_but_never_shared_by_two_live_generations(tokenizer):
+    """Same shapes as the last call: its StaticCache (and the smear buffer) again, so a compiled step replays its
+    CUDA graph at the addresses it recorded. Reset in between (results equal a fresh engine's), and a generation
+    that starts while another is still streaming gets a cache of its own."""
+    model = random_model(tiny_config(**ALL_2026))
+    engine = Engine(model, tokenizer, cache_implementation="static", compile=False)
+    first, second = syllable_prompts(tokenizer, (3, 11), seed=1), syllable_prompts(tokenizer, (3, 11), seed=2)
+
+    def fresh(prompts):
+        return Engine(model, tokenizer, cache_implementation="static", compile=False).generate_batch(
+            prompts, num_samples=2, max_new_tokens=12, temperature=0.0)
+
+    expected_first, expected_second = fresh(first), fresh(second)
+    assert engine.generate_batch(first, num_samples=2, max_new_tokens=12, temperature=0.0) == expected_first
+    cache = engine._static_cache
+    assert engine.generate_batch(second, num_samples=2, max_new_tokens=12, temperature=0.0) == expected_second
+    assert engine._static_cache is cache
+
+    # two generations streamed in lockstep: each has its own cache, and both equal their runs alone
+    a = engine.generate(first, num_samples=2, max_new_tokens=12, temperature=0.0)
+    b = engine.generate(second, num_samples=2, max_new_tokens=12, temperature=0.0)
+    rows_a, rows_b = [[] for _ in range(4)], [[] for _ in range(4)]
+    for rows, stream in ((rows_a, a), (rows_b, b), (rows_a, a), (rows_b, b)) * 6:
+        for row, token in zip(rows, next(stream, ([None] * 4, None))[0]):
+            if token is not None:
+                row.append(token)
+    assert rows_a == [s.tokens for samples in expected_first for s in samples]
+    assert rows_b == [s.tokens for samples in expected_second for s in samples]
+    assert engine._static_owner is not None  # `a` has yielded its last step but has not returned yet
+    assert next(a, None) is None and next(b, None) is None
+    assert engine._static_cache is cache and engine._static_owner is None
+    dropped = engine.generate(first, max_new_tokens=12, temperature=0.0)
+    next(dropped)
+    dropped.close()  # a generation abandoned midway frees the cache too
+    assert engine._static_owner is None
+
+    longer = syllable_prompts(tokenizer, (STATIC_CACHE_BUCKET,))  # the next capacity bucket: a new cache
+    engine.generate_batch(longer, max_new_tokens=2, temperature=0.0)
+    assert engine._static_cache is not cache
+    engine.clear_cache()
+    assert engine._static_cache is None
+    assert engine.generate_batch(first, num_samples=2, max_new_tokens=12, temperature=0.0) == expected_first
+
+
 def test_seeded_sampling_is_reproducible_and_rows_differ_from_the_first_token(tokenizer):
     model = random_model(tiny_config())
     engine = Engine(model, tokenizer)
@@ -311,7 +355,7 @@ def test_cuda_default_is_compiled_static_decode_and_equals_generate(tokenizer):
     engine = Engine(model, tokenizer)
     assert engine.static and engine.compile
     prompts = syllable_prompts(tokenizer, (3, 11, 6))
-    for _ in range(2):  # the second call reuses the compiled graphs with a new StaticCache
+    for _ in range(2):  # the second call replays the compiled graphs over the same StaticCache
         results = engine.generate_batch(prompts, num_samples=2, max_new_tokens=12, temperature=0.0)
         for prompt, samples in zip(prompts, results):
             assert all(s.tokens == reference_greedy(model, tokenizer, prompt, 12) for s in samples)
@@ -321,6 +365,24 @@ def test_cuda_default_is_compiled_static_decode_and_equals_generate(tokenizer):
     (sample,) = engine.generate_batch(chat_prompt(tokenizer, "hi"), max_new_tokens=30, temperature=0.0)
     forced = [sp["output_start"], *encode(tokenizer, "84"), sp["output_end"]]
     assert sample.tokens == [*call[1:], *forced, *after_output[1:]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs (the compiled decode path on CUDA)")
+def test_cuda_graph_is_recorded_once_for_calls_of_one_cache_shape(tokenizer):
+    """Prompts of different lengths in one capacity bucket: one StaticCache, so torch.compile records the decode
+    step's CUDA graph in the first call only (a new cache at new addresses made it record again, call after call)."""
+    from torch._inductor import cudagraph_trees
+
+    engine = Engine(random_model(tiny_config()).cuda(), tokenizer)
+    manager, recordings = cudagraph_trees.CUDAGraphTreeManager, []
+    record = manager.record_function
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(manager, "record_function", lambda self, *a, **k: recordings.append(1) or record(self, *a, **k))
+        for call, length in enumerate((20, 20, 30, 25, 40)):
+            engine.generate_batch(syllable_prompts(tokenizer, (length,)), max_new_tokens=10, temperature=0.0)
+            if call == 0:
+                first = len(recordings)
+    assert first > 0 and len(recordings) == first
 
 
 def test_decode_benchmark_runs_on_cpu_with_tiny_flags():
