@@ -38,6 +38,7 @@ row per step keeps every row's cache contiguous and the static cache no longer t
 import contextlib
 import inspect
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,7 @@ class Engine:
         self._decode_call = None  # the compiled forward, made on first use (compiling takes a while)
         # the last call's StaticCache, reused (see _static_copy), and the generation using it now, if any
         self._static_cache, self._static_key, self._static_owner = None, None, None
+        self._static_lock = threading.Lock()  # two threads (a Space serving two chats) must not both take it
         self._fast_decode = getattr(model, "fast_decode", None)  # our models: fused q/k/v, decode kernels
 
     def clear_cache(self) -> None:
@@ -184,12 +186,11 @@ class Engine:
         chat turn or an RL rollout of the same shape as the last one replays the recorded graph."""
         first = cache.layers[0].keys
         key = (capacity, tuple(first.shape[:2]), first.dtype, first.device, hasattr(cache, _SMEAR_STATE))
-        if self._static_owner is not None:  # another generation, not run to its end yet, is using it
-            static, owned = None, False
-        else:
-            static = self._static_cache if self._static_key == key else None
-            owned = True
-            self._static_owner = owner
+        with self._static_lock:
+            owned = self._static_owner is None  # else another generation, not run to its end yet, is using it
+            if owned:
+                self._static_owner = owner
+        static = self._static_cache if owned and self._static_key == key else None
         if static is None:
             if owned:
                 self._static_cache = None  # the old cache's memory is free for the new one
@@ -301,8 +302,9 @@ class Engine:
             with self._fast_decode() if self._fast_decode else contextlib.nullcontext():
                 yield from self._steps(*args, owner)
         finally:  # run to its end, closed, or dropped: the static cache is free for the next call
-            if self._static_owner is owner:
-                self._static_owner = None
+            with self._static_lock:
+                if self._static_owner is owner:
+                    self._static_owner = None
 
     @torch.no_grad()
     def _steps(self, batch, num_samples, max_new_tokens, temperature, top_k, top_p, seed, owner):
