@@ -137,5 +137,6 @@ def main():
         for key, (us, count) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]:
             print(f"{us:8.1f} us/step {count:6.1f}/step {us / count:7.2f} us each  {key[:90]}")
 
+
 if __name__ == "__main__":
     main()

@@ -22,7 +22,6 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -520,6 +519,7 @@ class FusedHeadLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         return grad_hidden, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None
+
 
 class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {}
