@@ -7,7 +7,8 @@ Each GEMV runs with the fusion the model uses at that place (RMSNorm folded into
 after o_proj and fc2; cuBLAS does neither). Each measurement is a CUDA graph of one launch per layer over `--layers`
 distinct weights (or caches), replayed: what a compiled decode step sees (no launch overhead, no L2 reuse between
 layers). Reported per launch, with the HBM bandwidth that implies (bytes of weight or cache read / time). The
-library's choice is marked with `*`. Needs CUDA.
+library's choice is marked with `*`. Kernels launch without programmatic dependent launch here, so each figure is a
+kernel's own cost; in the model, PDL overlaps a GEMV's first weight reads with the kernel before it. Needs CUDA.
 """
 
 import argparse
@@ -58,7 +59,7 @@ def bench_gemv(n, k, n_layers, quick, norm=False, residual=False):
         def launch(i, block_n=block_n, block_k=block_k, warps=warps):
             dk._gemv_kernel[(triton.cdiv(n, block_n),)](
                 x, weights[i], out, res, n, k, 1e-6, NORM=norm, RELU_SQUARE=False, RESIDUAL=residual,
-                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                BLOCK_N=block_n, BLOCK_K=block_k, ONE_BLOCK=k <= block_k, PDL=False, num_warps=warps,
             )  # fmt: skip
 
         mark = "*" if (block_n, block_k, warps) == chosen else " "
@@ -99,11 +100,12 @@ def bench_attention(batch, heads, head_dim, slots, used, n_layers, quick):
                 q, k, v, keep, m, l_sum, acc, slots, heads, 1, scale,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), keep.stride(0), keep.stride(1),
-                CHUNK=chunk, BLOCK_S=block_s, HEAD_DIM=head_dim, num_warps=warps,
+                CHUNK=chunk, BLOCK_S=block_s, HEAD_DIM=head_dim, PDL=False, num_warps=warps,
             )  # fmt: skip
             dk._attention_combine_kernel[(batch * heads,)](
-                m, l_sum, acc, out, splits, BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim, num_warps=4
-            )
+                m, l_sum, acc, out, splits, BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+                PDL=False, num_warps=4,
+            )  # fmt: skip
 
         mark = "*" if (chunk, block_s, warps) == chosen else " "
         try:

@@ -4,16 +4,19 @@
     python bench/decode_variants.py onequery               # variants, alone or joined by "+", e.g. gemv+combo
     python bench/decode_variants.py shipped --tokenizer tok  # stop tokens and the python-tool machine live
 
-Variants, each slower than `shipped` when measured (docs/benchmarks.md). `cublas` switches off a part of the library;
-the others patch in alternatives that are not in it:
+Variants, each slower than `shipped` when measured (docs/benchmarks.md). `cublas` and `update` switch off a part of
+the library; the others patch in alternatives that are not in it:
 - cublas: without the Triton decode kernels (`hfnanochat.decode_kernels`): cuBLAS GEMMs, separate norms and adds,
   SDPA, the engine as it was before them;
+- update: the decode kernels, but each layer writes its cache through transformers' `StaticLayer.update` (Inductor's
+  rotary/norm kernel, the cache write, a length bump per layer) instead of `rotary_norm_cache_write`;
 - gemv: one-row matmuls as multiply + sum, so Inductor writes reduction kernels (and fuses ReLU^2, the softcap) in
   place of cuBLAS calls;
 - onequery: attention of the one new token as products + reductions in fp32 for Inductor to fuse, in place of SDPA;
 - combo: Inductor's horizontal fusion (`combo_kernels`); autotune: `max_autotune` (Triton GEMM templates);
   cdt: `coordinate_descent_tuning`; noguards: dynamo skips its guard checks on each call after the warm-up
   (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`), to see what the host's share of a step is.
+`HFNANOCHAT_DECODE_PDL=0` in the environment launches the decode kernels without programmatic dependent launch.
 Depth 20, bf16, nanochat init, a random 512-token prompt, 256 greedy tokens; decode tok/s = 255 / (t(256) - t(1)),
 medians of 3 after a warm-up (compilation), as in bench/decode.py. Needs CUDA.
 """
@@ -29,7 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth, modeling_hfnanochat
 from hfnanochat.engine import Engine
 
-VARIANTS = {"shipped", "cublas", "gemv", "onequery", "combo", "autotune", "cdt", "noguards"}
+VARIANTS = {"shipped", "cublas", "update", "gemv", "onequery", "combo", "autotune", "cdt", "noguards"}
 
 
 def one_row_linear_as_reduction():
@@ -74,6 +77,8 @@ def main():
         p.error("needs a CUDA GPU (the compiled static-cache step is the thing measured)")
     if "cublas" in parts:
         modeling_hfnanochat.decode_kernels_available = lambda tensor: False
+    if "update" in parts:
+        modeling_hfnanochat.HFNanoChatModel._writes_cache_in_place = lambda self, cache, inputs_embeds: False
     if "gemv" in parts:
         one_row_linear_as_reduction()
     if "onequery" in parts:

@@ -8,8 +8,16 @@ kernels, a third of them norms and adds of one row; Inductor's own reductions an
 their place, were slower. These kernels read each weight row once, fold the norm into the GEMV that consumes it
 (each program recomputes the row's RMS from the input, which is in cache) and split the cache across many programs.
 
-Both are registered with `torch.library.triton_op`, so `torch.compile` keeps them inside its graph (and its CUDA
-graph). They run where Triton runs: CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1` (how the tests check them
+A third kernel does what sits between the q/k/v GEMV and the attention: RoPE, QK-norm and the write of k and v into
+a static cache, one launch where Inductor made three.
+
+On Hopper and newer the kernels launch with programmatic dependent launch (PDL): a kernel starts while the one before
+it finishes, reads only what no kernel of the step writes (a GEMV's weights, when one block covers the row), and then
+waits for its predecessor's results (`gdc_wait`) before it reads anything else or writes anything. Together with the
+fused cache write, a d20 step went from 751 to 678 us on an H200 (docs/benchmarks.md). Each kernel is a
+`torch.library.custom_op`, so `torch.compile` keeps it inside its graph and CUDA graph; not a `triton_op`, whose
+kernels Inductor launches itself, without PDL.
+They run where Triton runs: CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1` (how the tests check them
 without a GPU). `available(tensor)` says which.
 """
 
@@ -20,7 +28,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the model keeps its cuBLAS/SDPA path
     triton = None
 
@@ -30,6 +38,16 @@ def available(tensor: torch.Tensor) -> bool:
     if triton is None:
         return False
     return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _launch_dependents_early(device: torch.device) -> bool:
+    """Whether the kernels launch with programmatic dependent launch (PDL): Hopper or newer, not under the
+    interpreter, and not switched off with HFNANOCHAT_DECODE_PDL=0 (for A/B runs, bench/decode_variants.py)."""
+    return (
+        device.type == "cuda"
+        and os.environ.get("HFNANOCHAT_DECODE_PDL", "1") != "0"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
 
 
 def _gemv_config(n: int, k: int) -> tuple[int, int, int]:
@@ -59,22 +77,39 @@ if triton is not None:
     def _gemv_kernel(
         x_ptr, w_ptr, out_ptr, residual_ptr, N, K, eps,
         NORM: tl.constexpr, RELU_SQUARE: tl.constexpr, RESIDUAL: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[n] = (residual[n] +) act(sum_k w[n, k] * norm(x)[k]) for one row x of length K."""
+        if PDL:
+            gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            col_ok = k0 + cols < K
-            x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * K + (k0 + cols)[None, :], mask=row_ok[:, None] & col_ok[None, :],
+        if ONE_BLOCK:
+            # The whole row block of weights is read before waiting for the kernel before this one (PDL): weights
+            # are never written during a step, so their read overlaps that kernel's tail instead of following it.
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :],
                         other=0.0)  # fmt: skip
-            acc += w.to(tl.float32) * x[None, :]
-            if NORM:
-                squares += x * x
+            if PDL:
+                gdc_wait()
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            acc = w.to(tl.float32) * x[None, :]
+            squares = x * x
+        else:
+            # several blocks along K: the loop as it was without PDL (a peeled first block measured 2x slower on the
+            # q/k/v and fc1 shapes, the pipelined loop lost its prefetch), only the launch overlaps
+            if PDL:
+                gdc_wait()
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                col_ok = k0 + cols < K
+                x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + rows[:, None] * K + (k0 + cols)[None, :],
+                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+                acc += w.to(tl.float32) * x[None, :]
+                if NORM:
+                    squares += x * x
         dot = tl.sum(acc, axis=1)
         if NORM:
             # RMSNorm is a scale of the whole row, so it can be applied after the dot product: one pass over x and
@@ -91,28 +126,36 @@ if triton is not None:
             y = tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) + y
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
-    @triton_op("hfnanochat::gemv", mutates_args={})
+    @torch.library.custom_op("hfnanochat::gemv", mutates_args=())
     def _gemv(
         x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float, norm: bool, relu_square: bool
     ) -> torch.Tensor:
         n, k = weight.shape
         out = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device=x.device)
         block_n, block_k, warps = _gemv_config(n, k)
-        wrap_triton(_gemv_kernel)[(triton.cdiv(n, block_n),)](
+        pdl = _launch_dependents_early(x.device)
+        _gemv_kernel[(triton.cdiv(n, block_n),)](
             x, weight, out, residual if residual is not None else out, n, k, eps,
             NORM=norm, RELU_SQUARE=relu_square, RESIDUAL=residual is not None,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            BLOCK_N=block_n, BLOCK_K=block_k, ONE_BLOCK=k <= block_k, PDL=pdl, num_warps=warps, launch_pdl=pdl,
         )  # fmt: skip
         return out
+
+    @_gemv.register_fake
+    def _(x, weight, residual, eps, norm, relu_square):
+        return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
     @triton.jit
     def _attention_partial_kernel(
         q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
         S, H, GROUPS, scaling,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb, stride_ms,
-        CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+        CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Softmax statistics (max, sum, weighted values) of one query head over one chunk of the cache."""
+        if PDL:  # everything this kernel reads was written by earlier kernels of the step: wait for them first
+            gdc_launch_dependents()
+            gdc_wait()
         bh, split = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         kv_h = h // GROUPS
@@ -144,9 +187,12 @@ if triton is not None:
 
     @triton.jit
     def _attention_combine_kernel(
-        m_ptr, l_ptr, acc_ptr, out_ptr, N_SPLITS, BLOCK_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr
+        m_ptr, l_ptr, acc_ptr, out_ptr, N_SPLITS, BLOCK_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr
     ):
         """Merge the chunks' statistics of one query head into its output row."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         bh = tl.program_id(0)
         splits = tl.arange(0, BLOCK_SPLITS)
         ok = splits < N_SPLITS
@@ -161,7 +207,7 @@ if triton is not None:
         out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + bh * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 
-    @triton_op("hfnanochat::decode_attention", mutates_args={})
+    @torch.library.custom_op("hfnanochat::decode_attention", mutates_args=())
     def _decode_attention(
         query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
     ) -> torch.Tensor:
@@ -173,17 +219,95 @@ if triton is not None:
         l_sum = torch.empty_like(m)
         acc = torch.empty(B * H, n_splits, D, dtype=torch.float32, device=query.device)
         out = torch.empty(B, 1, H, D, dtype=query.dtype, device=query.device)
-        wrap_triton(_attention_partial_kernel)[(B * H, n_splits)](
+        pdl = _launch_dependents_early(query.device)
+        _attention_partial_kernel[(B * H, n_splits)](
             query, key, value, mask, m, l_sum, acc,
             S, H, H // key.shape[1], scaling,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), mask.stride(0), mask.stride(-1),
-            CHUNK=chunk, BLOCK_S=block_s, HEAD_DIM=D, num_warps=warps,
+            CHUNK=chunk, BLOCK_S=block_s, HEAD_DIM=D, PDL=pdl, num_warps=warps, launch_pdl=pdl,
         )  # fmt: skip
-        wrap_triton(_attention_combine_kernel)[(B * H,)](
-            m, l_sum, acc, out, n_splits, BLOCK_SPLITS=triton.next_power_of_2(n_splits), HEAD_DIM=D, num_warps=4
-        )
+        _attention_combine_kernel[(B * H,)](
+            m, l_sum, acc, out, n_splits, BLOCK_SPLITS=triton.next_power_of_2(n_splits), HEAD_DIM=D, PDL=pdl,
+            num_warps=4, launch_pdl=pdl,
+        )  # fmt: skip
         return out
+
+    @_decode_attention.register_fake
+    def _(query, key, value, mask, scaling):
+        B, H, _, D = query.shape
+        return query.new_empty(B, 1, H, D)
+
+
+    @triton.jit
+    def _rotary_norm_cache_write_kernel(
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, values_ptr, slot_ptr,
+        H, S, eps, scale,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos_b, stride_sin_b,
+        stride_keys_b, stride_keys_h, stride_keys_s, stride_values_b, stride_values_h, stride_values_s,
+        SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """One head of one row. A query head: RoPE, QK-norm (and the qk scale) into q_out. A kv head: the same for
+        its key, written with its value into the cache at the slot read from `slot_ptr` (the layer's length)."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        b, head = tl.program_id(0), tl.program_id(1)
+        half = tl.arange(0, HEAD_DIM // 2)
+        cos = tl.load(cos_ptr + b * stride_cos_b + half).to(tl.float32)
+        sin = tl.load(sin_ptr + b * stride_sin_b + half).to(tl.float32)
+        slot = tl.load(slot_ptr)
+        # a key is never written past the cache (the engine sizes it; index_copy_ would raise there)
+        write = half < tl.where((head < H) | (slot < S), HEAD_DIM // 2, 0)
+        if head < H:
+            src = q_ptr + b * stride_qb + head * stride_qh
+            dst = q_out_ptr + (b * H + head) * HEAD_DIM
+        else:
+            src = k_ptr + b * stride_kb + (head - H) * stride_kh
+            dst = keys_ptr + b * stride_keys_b + (head - H) * stride_keys_h + slot * stride_keys_s
+        x1 = tl.load(src + half).to(tl.float32)
+        x2 = tl.load(src + HEAD_DIM // 2 + half).to(tl.float32)
+        # nanochat's rotation (apply_rotary), then its RMSNorm, in fp32 with one rounding at the end, as Inductor
+        # computes the unfused ops when it fuses them
+        y1 = x1 * cos + x2 * sin
+        y2 = x2 * cos - x1 * sin
+        # the cast: under Inductor a Python float argument arrives as fp64
+        inv_rms = 1.0 / tl.sqrt((tl.sum(y1 * y1, axis=0) + tl.sum(y2 * y2, axis=0)) / HEAD_DIM
+                                + tl.cast(eps, tl.float32))  # fmt: skip
+        y1 = (y1 * inv_rms).to(q_out_ptr.dtype.element_ty)
+        y2 = (y2 * inv_rms).to(q_out_ptr.dtype.element_ty)
+        if SCALE:
+            y1 = (y1.to(tl.float32) * tl.cast(scale, tl.float32)).to(q_out_ptr.dtype.element_ty)
+            y2 = (y2.to(tl.float32) * tl.cast(scale, tl.float32)).to(q_out_ptr.dtype.element_ty)
+        tl.store(dst + half, y1, mask=write)
+        tl.store(dst + HEAD_DIM // 2 + half, y2, mask=write)
+        if head >= H:
+            dims = tl.arange(0, HEAD_DIM)
+            v = tl.load(v_ptr + b * stride_vb + (head - H) * stride_vh + dims)
+            dst_v = values_ptr + b * stride_values_b + (head - H) * stride_values_h + slot * stride_values_s
+            tl.store(dst_v + dims, v, mask=dims < tl.where(slot < S, HEAD_DIM, 0))
+
+    @torch.library.custom_op("hfnanochat::rotary_norm_cache_write", mutates_args=("keys", "values"))
+    def _rotary_norm_cache_write(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, eps: float, scale: float,
+    ) -> torch.Tensor:  # fmt: skip
+        B, _, H, D = q.shape
+        out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
+        pdl = _launch_dependents_early(q.device)
+        _rotary_norm_cache_write_kernel[(B, H + k.shape[2])](
+            q, k, v, cos, sin, out, keys, values, slot,
+            H, keys.shape[2], eps, scale,
+            q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), cos.stride(0), sin.stride(0),
+            keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+            SCALE=scale != 1.0, HEAD_DIM=D, PDL=pdl, num_warps=1, launch_pdl=pdl,
+        )  # fmt: skip
+        return out
+
+    @_rotary_norm_cache_write.register_fake
+    def _(q, k, v, cos, sin, keys, values, slot, eps, scale):
+        B, _, H, D = q.shape
+        return q.new_empty(B, H, 1, D)
 
 
 def gemv(
@@ -227,4 +351,42 @@ def decode_attention(
     return _decode_attention(query, key, value, mask, float(scaling))
 
 
-__all__ = ["available", "decode_attention", "gemv"]
+def rotary_norm_cache_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot: torch.Tensor,
+    eps: float,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """The attention's step between the q/k/v GEMV and the attention kernel, for one new token per row: nanochat's
+    RoPE then RMSNorm (then `scale`) on q and k, and k and v written into a static cache at position `slot`.
+
+    q (B, 1, H, D), k and v (B, 1, Hkv, D) as the projection makes them (strided views are fine); cos, sin
+    (B, 1, 1, D/2); keys, values (B, Hkv, S, D), written in place; slot a one-element integer tensor on the device
+    (a StaticLayer's `cumulative_length`, read when the kernel runs, so a CUDA graph replays it at every step).
+    Returns q as (B, H, 1, D). One kernel where the unfused ops run three (rotary+norm, the two cache writes)."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    if (
+        T != 1 or D % 2 or D & (D - 1) or k.shape != (B, 1, Hkv, D) or v.shape != k.shape
+        or keys.shape[:2] != (B, Hkv) or keys.shape[3] != D or values.shape != keys.shape
+        or cos.shape != sin.shape or cos.shape[-1] * 2 != D or cos.numel() * 2 != cos.shape[0] * D
+        or cos.shape[0] not in (1, B) or slot.numel() != 1 or slot.dtype.is_floating_point
+    ):  # fmt: skip
+        raise ValueError(
+            f"rotary_norm_cache_write takes one token per row, power-of-two heads and a cache of matching shape: q "
+            f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cos {tuple(cos.shape)}, keys "
+            f"{tuple(keys.shape)}, values {tuple(values.shape)}, slot {tuple(slot.shape)} {slot.dtype}"
+        )
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # one row of cos/sin per row of q (a batch of rows at the same position may share one)
+    cos, sin = (t.reshape(t.shape[0], D // 2).contiguous().expand(B, D // 2) for t in (cos, sin))
+    return _rotary_norm_cache_write(q, k, v, cos, sin, keys, values, slot, float(eps), float(scale))
+
+
+__all__ = ["available", "decode_attention", "gemv", "rotary_norm_cache_write"]

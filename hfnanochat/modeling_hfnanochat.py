@@ -24,14 +24,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hfnanochat import HFNanoChatConfig
 from .decode_kernels import available as decode_kernels_available
-from .decode_kernels import decode_attention, gemv
+from .decode_kernels import decode_attention, gemv, rotary_norm_cache_write
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x; our code
 # accepts both spellings and answers in the one this transformers expects.
@@ -142,18 +142,29 @@ class HFNanoChatAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         value_embedding: torch.Tensor | None = None,
         cache: Cache | None = None,
+        cache_in_place: bool = False,
         **kwargs,
     ) -> torch.Tensor:
         if self.use_fused_qkv and not torch.is_grad_enabled():
             q, k, v = F.linear(hidden_states, self.qkv_weight).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        out = self.attend(q, k, v, hidden_states, position_embeddings, attention_mask, value_embedding, cache, **kwargs)
+        out = self.attend(
+            q, k, v, hidden_states, position_embeddings, attention_mask, value_embedding, cache, cache_in_place,
+            **kwargs,
+        )  # fmt: skip
         return self.o_proj(out)
 
-    def attend(self, q, k, v, gate_input, position_embeddings, attention_mask, value_embedding, cache, **kwargs):
+    def attend(
+        self, q, k, v, gate_input, position_embeddings, attention_mask, value_embedding, cache, cache_in_place=False,
+        **kwargs,
+    ):  # fmt: skip
         """Projected q, k, v (B, T, features) -> the attention output (B, T, H * hd) that o_proj reads: heads, value
-        embedding (its gate reads `gate_input`, the normed block input), RoPE, QK-norm, the cache, attention."""
+        embedding (its gate reads `gate_input`, the normed block input), RoPE, QK-norm, the cache, attention.
+
+        `cache_in_place` (set by HFNanoChatModel.forward for a decode step over a StaticCache with the decode kernels
+        on): RoPE, QK-norm and the cache write run as one kernel, and the layer's length is left for the model to
+        move on after the last layer."""
         B, T, _ = q.shape
         eps = self.config.rms_norm_eps
         q = q.view(B, T, self.num_heads, self.head_dim)
@@ -163,13 +174,20 @@ class HFNanoChatAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(gate_input[..., :12]))  # (B, T, Hkv), in (0, 3)
             v = v + gate.unsqueeze(-1) * value_embedding.view(B, T, self.num_key_value_heads, self.head_dim)
         cos, sin = position_embeddings
-        # RoPE first, then QK-norm: nanochat's order (the norm keeps attention logits bounded after rotation).
-        q, k = rms_norm(apply_rotary(q, cos, sin), eps), rms_norm(apply_rotary(k, cos, sin), eps)
-        if self.config.qk_scale != 1.0:
-            q, k = q * self.config.qk_scale, k * self.config.qk_scale
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+        if cache_in_place:
+            layer = cache.layers[self.layer_idx]
+            q = rotary_norm_cache_write(
+                q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length, eps, self.config.qk_scale
+            )
+            k, v = layer.keys, layer.values
+        else:
+            # RoPE first, then QK-norm: nanochat's order (the norm keeps attention logits bounded after rotation).
+            q, k = rms_norm(apply_rotary(q, cos, sin), eps), rms_norm(apply_rotary(k, cos, sin), eps)
+            if self.config.qk_scale != 1.0:
+                q, k = q * self.config.qk_scale, k * self.config.qk_scale
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)
         boolean_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
         if self.decode_kernels and T == 1 and boolean_mask:
             # one new token over an SDPA-style mask (True = attend; it also hides a static cache's unwritten slots)
@@ -209,21 +227,28 @@ class HFNanoChatDecoderLayer(nn.Module):
         self.mlp = HFNanoChatMLP(config)
         self.decode_kernels = False  # set by HFNanoChatPreTrainedModel.fast_decode
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, value_embedding=None, cache=None, **kwargs):
+    def forward(
+        self, hidden_states, position_embeddings, attention_mask, value_embedding=None, cache=None,
+        cache_in_place=False, **kwargs,
+    ):  # fmt: skip
         one_token = hidden_states.shape[:-1].numel() == 1 and not torch.is_grad_enabled()
         # (under autocast the activations' dtype differs from fp32 weights: then the unfused ops below)
         if self.decode_kernels and one_token and hidden_states.dtype == self.self_attn.qkv_weight.dtype:
             return self._decode_one_token(
-                hidden_states, position_embeddings, attention_mask, value_embedding, cache, **kwargs
+                hidden_states, position_embeddings, attention_mask, value_embedding, cache, cache_in_place, **kwargs
             )
         hidden_states = hidden_states + self.self_attn(
-            rms_norm(hidden_states, self.eps), position_embeddings, attention_mask, value_embedding, cache, **kwargs
-        )
+            rms_norm(hidden_states, self.eps), position_embeddings, attention_mask, value_embedding, cache,
+            cache_in_place, **kwargs,
+        )  # fmt: skip
         return hidden_states + self.mlp(rms_norm(hidden_states, self.eps))
 
-    def _decode_one_token(self, x, position_embeddings, attention_mask, value_embedding, cache, **kwargs):
+    def _decode_one_token(
+        self, x, position_embeddings, attention_mask, value_embedding, cache, cache_in_place, **kwargs
+    ):  # fmt: skip
         """The block for a single token with the Triton GEMVs of `decode_kernels`: each RMSNorm folds into the GEMV
-        that reads it, ReLU² and the residual adds into the GEMVs that produce them. Nine kernels instead of ~15."""
+        that reads it, ReLU² and the residual adds into the GEMVs that produce them. Seven kernels instead of ~15
+        when the cache is written in place (`cache_in_place`), nine otherwise."""
         attn = self.self_attn
         if attn.ve_gate is None:
             gate_input, qkv = None, gemv(x, attn.qkv_weight, norm_eps=self.eps)
@@ -231,7 +256,9 @@ class HFNanoChatDecoderLayer(nn.Module):
             gate_input = rms_norm(x, self.eps)
             qkv = gemv(gate_input, attn.qkv_weight)
         q, k, v = qkv.split(attn.qkv_sizes, dim=-1)
-        out = attn.attend(q, k, v, gate_input, position_embeddings, attention_mask, value_embedding, cache, **kwargs)
+        out = attn.attend(
+            q, k, v, gate_input, position_embeddings, attention_mask, value_embedding, cache, cache_in_place, **kwargs
+        )
         x = gemv(out, attn.o_proj.weight, residual=x)
         hidden = gemv(x, self.mlp.fc1.weight, norm_eps=self.eps, relu_square=True)
         return gemv(hidden, self.mlp.fc2.weight, residual=x)
@@ -378,6 +405,25 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def _writes_cache_in_place(self, cache: Cache | None, inputs_embeds: torch.Tensor) -> bool:
+        """Whether this step writes the cache through `rotary_norm_cache_write`: one new token per row, no autograd,
+        every attention layer on the decode kernels, and a cache of plain StaticLayers (a sliding-window layer wraps
+        around; an older transformers StaticLayer has no `cumulative_length` tensor to read the slot from)."""
+        return (
+            inputs_embeds.shape[1] == 1
+            and not torch.is_grad_enabled()
+            and isinstance(cache, Cache)
+            and len(cache.layers) == len(self.layers)
+            and all(block.self_attn.decode_kernels for block in self.layers)
+            and all(
+                type(layer) is StaticLayer
+                and layer.is_initialized
+                and layer.keys.device == inputs_embeds.device
+                and isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
+                for layer in cache.layers
+            )
+        )
+
     def _smear(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         # x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * x[t-1]. While decoding with a cache, x[t-1] is the
         # last embedding of the previous call, which we keep on the cache object.
@@ -457,6 +503,13 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
         if self.smear_gate is not None:
             x = self._smear(x, cache)
         x0 = x
+        # A decode step over a StaticCache with the decode kernels on: each layer writes its key and value into its
+        # cache slot inside the kernel that rotates and norms them, and all layers' lengths move on together after
+        # the last layer. StaticLayer.update would launch three kernels per layer (rotary+norm, the write, the
+        # length bump); at batch 1 each costs ~1-2 us, as much as a small GEMV's weight read.
+        cache_in_place = self._writes_cache_in_place(cache, inputs_embeds)
+        if cache_in_place:
+            kwargs = {**kwargs, "cache_in_place": True}
         backout_layer = self.config.num_hidden_layers // 2
         x_mid = None
         for i, layer in enumerate(self.layers):
@@ -470,6 +523,8 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
                 x = layer(*layer_args, **kwargs)
             if i == backout_layer:
                 x_mid = x
+        if cache_in_place:
+            torch._foreach_add_([layer.cumulative_length for layer in cache.layers], inputs_embeds.shape[1])
         if self.backout_lambda is not None:
             x = x - self.backout_lambda * x_mid
         x = rms_norm(x, self.config.rms_norm_eps)

@@ -6,6 +6,7 @@ a machine without a GPU, `test_kernels_under_the_triton_interpreter` re-runs thi
 `TRITON_INTERPRET=1`; on a GPU the kernel tests run directly.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -90,6 +91,93 @@ def test_decode_attention_equals_sdpa_with_gqa_padding_and_unwritten_slots(dtype
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_scale", [1.0, 1.2])
+def test_rotary_norm_cache_write_equals_unfused_ops(dtype, qk_scale):
+    from hfnanochat.modeling_hfnanochat import apply_rotary, rms_norm
+
+    torch.manual_seed(0)
+    B, H, Hkv, S, D, slot = 3, 4, 2, 10, 16, 6
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, device=DEVICE).to(dtype) * 2  # the GEMV's output, split as views
+    q, k, v = (t.view(B, 1, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+    angles = torch.rand(B, 1, 1, D // 2, device=DEVICE) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    keys, values = (torch.randn(B, Hkv, S, D, device=DEVICE).to(dtype) for _ in range(2))
+    keys_before, values_before = keys.clone(), values.clone()
+    length = torch.tensor(slot, device=DEVICE)
+
+    def expected(x):  # fp32 math on the same bf16 inputs, one rounding (as Inductor fuses the unfused ops)
+        y = rms_norm(apply_rotary(x.float(), cos.float(), sin.float()), 1e-6).to(dtype)
+        return (y.float() * qk_scale).to(dtype) if qk_scale != 1.0 else y
+
+    ours = decode_kernels.rotary_norm_cache_write(q, k, v, cos, sin, keys, values, length, 1e-6, qk_scale)
+    reference = expected(q).transpose(1, 2).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 2 * ulps(reference, dtype)
+    assert ours.shape == (B, H, 1, D) and ours.dtype == dtype
+    assert ((ours.float() - reference).abs() <= tolerance).all()
+    written = keys[:, :, slot].float() - expected(k)[:, 0].float()
+    assert (written.abs() <= (1e-5 if dtype == torch.float32 else 2 * ulps(keys[:, :, slot].float(), dtype))).all()
+    assert torch.equal(values[:, :, slot], v[:, 0])
+    others = [s for s in range(S) if s != slot]
+    assert torch.equal(keys[:, :, others], keys_before[:, :, others])
+    assert torch.equal(values[:, :, others], values_before[:, :, others])
+    assert length.item() == slot  # the caller moves the length on (the model does it once for all layers)
+    # one cos/sin row shared by all rows (rows at one position); a slot past the cache writes nothing
+    shared = decode_kernels.rotary_norm_cache_write(q[:1], k[:1], v[:1], cos[:1], sin[:1], keys[:1], values[:1],
+                                                    length, 1e-6, qk_scale)  # fmt: skip
+    torch.testing.assert_close(shared, ours[:1])
+    keys_full, values_full = keys.clone(), values.clone()
+    decode_kernels.rotary_norm_cache_write(q, k, v, cos, sin, keys, values, torch.tensor(S, device=DEVICE), 1e-6)
+    assert torch.equal(keys, keys_full) and torch.equal(values, values_full)
+
+
+@needs_triton
+def test_decode_step_over_a_static_cache_writes_it_in_place_like_update(monkeypatch):
+    """With the decode kernels on, a one-token step over a StaticCache writes each layer's key and value in the
+    rotary kernel and moves every layer's length on once, after the last layer: same cache, same logits as
+    StaticLayer.update under the unfused forward. A prefill (many tokens) keeps update."""
+    from transformers import StaticCache
+
+    model = random_model(tiny_config()).to(DEVICE)
+    prompt, step = torch.tensor([[1, 5, 9, 33, 70]], device=DEVICE), torch.tensor([[7]], device=DEVICE)
+
+    def run(fast: bool):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad(), (model.fast_decode() if fast else contextlib.nullcontext()):
+            model(prompt, cache=cache, use_cache=True)
+            logits = model(step, cache=cache, use_cache=True).logits
+        return logits, cache
+
+    from hfnanochat import modeling_hfnanochat
+
+    calls = []  # a spy: the real kernel runs, and we see that the step went through it once per layer
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return decode_kernels.rotary_norm_cache_write(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_hfnanochat, "rotary_norm_cache_write", counted)
+    reference, reference_cache = run(fast=False)
+    assert not calls
+    fused, cache = run(fast=True)
+    assert len(calls) == model.config.num_hidden_layers  # the decode step's layers; the prefill kept update
+    torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
+    for ours, theirs in zip(cache.layers, reference_cache.layers):
+        assert ours.cumulative_length.item() == theirs.cumulative_length.item() == 6
+        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-5)
+    one, two = torch.zeros(1, 1, 64, device=DEVICE), torch.zeros(1, 2, 64, device=DEVICE)
+    with torch.no_grad():
+        with model.fast_decode():
+            assert model.model._writes_cache_in_place(cache, one)
+            assert not model.model._writes_cache_in_place(cache, two)  # a prefill
+            assert not model.model._writes_cache_in_place(StaticCache(config=model.config, max_cache_len=16), one)
+        assert not model.model._writes_cache_in_place(cache, one)  # kernels off
+    with model.fast_decode():
+        assert not model.model._writes_cache_in_place(cache, one)  # autograd on (training never sees the kernels)
+
+
+@needs_triton
 def test_bad_shapes_are_clear_errors():
     x = torch.randn(2, 1, 8, device=DEVICE)
     with pytest.raises(ValueError, match="one row"):
@@ -98,6 +186,12 @@ def test_bad_shapes_are_clear_errors():
     kv = torch.randn(1, 2, 10, 16, device=DEVICE)
     with pytest.raises(ValueError, match="one query"):
         decode_kernels.decode_attention(q, kv, kv, torch.ones(1, 1, 2, 10, dtype=torch.bool, device=DEVICE), 1.0)
+    cos = torch.ones(1, 1, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="one token per row"):  # a cache with other heads than k
+        decode_kernels.rotary_norm_cache_write(q.transpose(1, 2), kv[:, :, :1], kv[:, :, :1], cos, cos,
+                                               torch.zeros(1, 3, 10, 16, device=DEVICE),
+                                               torch.zeros(1, 3, 10, 16, device=DEVICE),
+                                               torch.tensor(0, device=DEVICE), 1e-6)  # fmt: skip
 
 
 @needs_triton
