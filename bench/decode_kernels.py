@@ -2,13 +2,15 @@
 
     python bench/decode_kernels.py              # d20 shapes: the GEMVs of a block and the head, one-query attention
     python bench/decode_kernels.py --quick      # only the configs the library picks
+    python bench/decode_kernels.py --only qkv,fc1 --pdl   # two shapes, launched as the model launches them (PDL)
 
 Each GEMV runs with the fusion the model uses at that place (RMSNorm folded into q/k/v and fc1, a residual add
 after o_proj and fc2; cuBLAS does neither). Each measurement is a CUDA graph of one launch per layer over `--layers`
 distinct weights (or caches), replayed: what a compiled decode step sees (no launch overhead, no L2 reuse between
 layers). Reported per launch, with the HBM bandwidth that implies (bytes of weight or cache read / time). The
-library's choice is marked with `*`. Kernels launch without programmatic dependent launch here, so each figure is a
-kernel's own cost; in the model, PDL overlaps a GEMV's first weight reads with the kernel before it. Needs CUDA.
+library's choice is marked with `*`. By default kernels launch without programmatic dependent launch, so each figure
+is a kernel's own cost. With `--pdl` the GEMVs launch as in the model on Hopper: each one starts during the previous
+launch and, where one block covers K, reads its weights before waiting for it. Needs CUDA.
 """
 
 import argparse
@@ -44,7 +46,7 @@ def time_graph(launch, n_layers: int, replays: int = 50) -> float:
     return start.elapsed_time(end) * 1000 / (replays * n_layers)
 
 
-def bench_gemv(n, k, n_layers, quick, norm=False, residual=False):
+def bench_gemv(n, k, n_layers, quick, norm=False, residual=False, pdl=False):
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_layers)]
     x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(1, 1, n, device="cuda", dtype=torch.bfloat16)
@@ -59,7 +61,7 @@ def bench_gemv(n, k, n_layers, quick, norm=False, residual=False):
         def launch(i, block_n=block_n, block_k=block_k, warps=warps):
             dk._gemv_kernel[(triton.cdiv(n, block_n),)](
                 x, weights[i], out, res, n, k, 1e-6, NORM=norm, RELU_SQUARE=False, RESIDUAL=residual,
-                BLOCK_N=block_n, BLOCK_K=block_k, ONE_BLOCK=k <= block_k, PDL=False, num_warps=warps,
+                BLOCK_N=block_n, BLOCK_K=block_k, ONE_BLOCK=k <= block_k, PDL=pdl, num_warps=warps, launch_pdl=pdl,
             )  # fmt: skip
 
         mark = "*" if (block_n, block_k, warps) == chosen else " "
@@ -123,7 +125,7 @@ def report(title, rows, top):
     best = sorted(rows[1:], key=lambda r: r[1])[:top]
     shown = [rows[0]] + best + [r for r in rows[1:] if r[0].startswith("*") and r not in best]
     for name, us, bw in shown:
-        print(f"  {name:42s} {us:8.2f} us  {bw:7.0f} GB/s")
+        print(f"  {name:42s} {us:8.2f} us  {bw:7.0f} GB/s", flush=True)
 
 
 def main():
@@ -134,7 +136,13 @@ def main():
     p.add_argument("--slots", type=int, default=768, help="static cache length (prompt 512 + 256 new tokens)")
     p.add_argument("--quick", action="store_true", help="only the configs the library picks")
     p.add_argument("--top", type=int, default=5, help="best configs shown per shape")
+    parts = ["qkv", "o_proj", "fc1", "fc2", "lm_head", "attention"]
+    p.add_argument("--only", default=",".join(parts), help=f"comma-separated subset of {','.join(parts)}")
+    p.add_argument("--pdl", action="store_true", help="GEMVs launch with programmatic dependent launch (Hopper+)")
     args = p.parse_args()
+    only = set(args.only.split(","))
+    if only - set(parts):
+        p.error(f"--only: unknown {sorted(only - set(parts))}; choose among {parts}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     d = args.hidden
@@ -144,10 +152,13 @@ def main():
               ("fc1", 4 * d, d, args.layers, True, False), ("fc2", d, 4 * d, args.layers, False, True),
               ("lm_head", args.vocab, d, 1, False, False)]  # fmt: skip
     for name, n, k, layers, norm, residual in shapes:
-        rows = bench_gemv(n, k, layers, args.quick, norm, residual)
-        report(f"GEMV {name} ({n} x {k}), {layers} weights, norm={norm} residual={residual}", rows, args.top)
+        if name not in only:
+            continue
+        rows = bench_gemv(n, k, layers, args.quick, norm, residual, args.pdl)
+        report(f"GEMV {name} ({n} x {k}), {layers} weights, norm={norm} residual={residual}, pdl={args.pdl}", rows,
+               args.top)  # fmt: skip
     heads = d // 128
-    for batch in (1, 32):
+    for batch in (1, 32) if "attention" in only else ():
         used = args.slots * 5 // 6
         rows = bench_attention(batch, heads, 128, args.slots, used, args.layers, args.quick)
         report(f"attention, batch {batch}, {heads} heads x 128, {used} of {args.slots} slots", rows, args.top)
