@@ -17,6 +17,7 @@ waits for its predecessor's results (`gdc_wait`) before it reads anything else o
 fused cache write, a d20 step went from 751 to 678 us on an H200 (docs/benchmarks.md). Each kernel is a
 `torch.library.custom_op`, so `torch.compile` keeps it inside its graph and CUDA graph; not a `triton_op`, whose
 kernels Inductor launches itself, without PDL.
+
 They run where Triton runs: CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1` (how the tests check them
 without a GPU). `available(tensor)` says which.
 """
@@ -96,8 +97,8 @@ if triton is not None:
             acc = w.to(tl.float32) * x[None, :]
             squares = x * x
         else:
-            # several blocks along K: the loop as it was without PDL (a peeled first block measured 2x slower on the
-            # q/k/v and fc1 shapes, the pipelined loop lost its prefetch), only the launch overlaps
+            # several blocks along K: the loop as it was before PDL, after the wait. Peeling its first block off to
+            # read it before the wait made the q/k/v and fc1 GEMVs 2x slower (measured, docs/benchmarks.md).
             if PDL:
                 gdc_wait()
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -114,8 +115,8 @@ if triton is not None:
         if NORM:
             # RMSNorm is a scale of the whole row, so it can be applied after the dot product: one pass over x and
             # the weight instead of a pass for the row's RMS first (a round trip to memory per loop step). The
-            # unfused model rounds the normed row to bf16 before its GEMM; this skips that rounding. The cast:
-            # under Inductor a Python float argument arrives as fp64.
+            # unfused model rounds the normed row to bf16 before its GEMM; this skips that rounding. The cast keeps fp32
+            # math if a launcher passes a Python float as fp64 (Inductor's launcher does).
             dot = dot / tl.sqrt(tl.sum(squares, axis=0) / K + tl.cast(eps, tl.float32))
         # fp32 arithmetic with the unfused ops' roundings to the activations' dtype in between
         y = dot.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -160,7 +161,7 @@ if triton is not None:
         b, h = bh // H, bh % H
         kv_h = h // GROUPS
         dims = tl.arange(0, HEAD_DIM)
-        # the cast: under Inductor a Python float argument arrives as fp64
+        # the cast keeps fp32 math if a launcher passes a Python float as fp64 (Inductor's launcher does)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + dims).to(tl.float32) * tl.cast(scaling, tl.float32)
         m_i = tl.full([1], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([1], dtype=tl.float32)
@@ -238,7 +239,6 @@ if triton is not None:
         B, H, _, D = query.shape
         return query.new_empty(B, 1, H, D)
 
-
     @triton.jit
     def _rotary_norm_cache_write_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, values_ptr, slot_ptr,
@@ -271,7 +271,7 @@ if triton is not None:
         # computes the unfused ops when it fuses them
         y1 = x1 * cos + x2 * sin
         y2 = x2 * cos - x1 * sin
-        # the cast: under Inductor a Python float argument arrives as fp64
+        # the cast keeps fp32 math if a launcher passes a Python float as fp64 (Inductor's launcher does)
         inv_rms = 1.0 / tl.sqrt((tl.sum(y1 * y1, axis=0) + tl.sum(y2 * y2, axis=0)) / HEAD_DIM
                                 + tl.cast(eps, tl.float32))  # fmt: skip
         y1 = (y1 * inv_rms).to(q_out_ptr.dtype.element_ty)
@@ -369,7 +369,8 @@ def rotary_norm_cache_write(
     q (B, 1, H, D), k and v (B, 1, Hkv, D) as the projection makes them (strided views are fine); cos, sin
     (B, 1, 1, D/2); keys, values (B, Hkv, S, D), written in place; slot a one-element integer tensor on the device
     (a StaticLayer's `cumulative_length`, read when the kernel runs, so a CUDA graph replays it at every step).
-    Returns q as (B, H, 1, D). One kernel where the unfused ops run three (rotary+norm, the two cache writes)."""
+    Returns q as (B, H, 1, D). One kernel where Inductor made three of the unfused ops (rotary+norm, the cache
+    write, the bump of the layer's length; the model bumps all layers' lengths at once)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     if (
