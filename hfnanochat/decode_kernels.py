@@ -22,6 +22,7 @@ They run where Triton runs: CUDA tensors, or CPU tensors under `TRITON_INTERPRET
 without a GPU). `available(tensor)` says which.
 """
 
+import functools
 import os
 
 import torch
@@ -41,9 +42,11 @@ def available(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+@functools.cache
 def _launch_dependents_early(device: torch.device) -> bool:
     """Whether the kernels launch with programmatic dependent launch (PDL): Hopper or newer, not under the
-    interpreter, and not switched off with HFNANOCHAT_DECODE_PDL=0 (for A/B runs, bench/decode_variants.py)."""
+    interpreter, and not switched off with HFNANOCHAT_DECODE_PDL=0 (for A/B runs, bench/decode_variants.py; read
+    once per device, as every kernel call of an eager decode step asks)."""
     return (
         device.type == "cuda"
         and os.environ.get("HFNANOCHAT_DECODE_PDL", "1") != "0"
