@@ -46,15 +46,15 @@ def time_graph(launch, n_layers: int, replays: int = 50) -> float:
     return start.elapsed_time(end) * 1000 / (replays * n_layers)
 
 
-def bench_gemv(n, k, n_layers, quick, norm=False, residual=False, pdl=False):
+def bench_gemv(n, k, n_layers, quick, norm=False, residual=False, pdl=False, block_ks=(128, 256, 512, 1024, 2048)):
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_layers)]
     x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(1, 1, n, device="cuda", dtype=torch.bfloat16)
     res = torch.randn(1, 1, n, device="cuda", dtype=torch.bfloat16)
     gbytes = n * k * 2 / 1e3  # per microsecond -> GB/s
     results = [("cuBLAS F.linear", time_graph(lambda i: F.linear(x, weights[i]), n_layers))]
-    chosen = dk._gemv_config(n, k)
-    sweep = itertools.product((1, 2, 4, 8, 16), (128, 256, 512, 1024, 2048), (1, 2, 4, 8))  # BLOCK_N, BLOCK_K, warps
+    chosen = dk._gemv_config(n, k, pdl)
+    sweep = itertools.product((1, 2, 4, 8, 16), block_ks, (1, 2, 4, 8))  # BLOCK_N, BLOCK_K, warps
     configs = [chosen] if quick else sorted(set(sweep) | {chosen})
     for block_n, block_k, warps in configs:
 
@@ -86,34 +86,26 @@ def bench_attention(batch, heads, head_dim, slots, used, n_layers, quick):
     chosen = dk._attention_config(slots)
     sweep = set(itertools.product((32, 64, 128, 256, 512), (16, 32, 64), (2, 4, 8)))  # CHUNK, BLOCK_S, warps
     configs = [chosen] if quick else sorted(sweep | {chosen})
+    keep = mask[:, 0, 0]
     for chunk, block_s, warps in configs:
         if chunk < block_s:
             continue
-        splits = triton.cdiv(slots, chunk)
-        m = torch.empty(batch * heads, splits, device="cuda")
-        l_sum = torch.empty_like(m)
-        acc = torch.empty(batch * heads, splits, head_dim, device="cuda")
-        out = torch.empty(batch, 1, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-        keep = mask[:, 0, 0]
 
-        def launch(i, chunk=chunk, block_s=block_s, warps=warps, splits=splits, m=m, l_sum=l_sum, acc=acc, out=out):
-            k, v = caches[i]
-            dk._attention_partial_kernel[(batch * heads, splits)](
-                q, k, v, keep, m, l_sum, acc, slots, heads, 1, scale,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), keep.stride(0), keep.stride(1),
-                CHUNK=chunk, BLOCK_S=block_s, HEAD_DIM=head_dim, PDL=False, num_warps=warps,
-            )  # fmt: skip
-            dk._attention_combine_kernel[(batch * heads,)](
-                m, l_sum, acc, out, splits, BLOCK_SPLITS=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
-                PDL=False, num_warps=4,
-            )  # fmt: skip
+        def launch(i, config=(chunk, block_s, warps)):
+            dk._launch_attention(q, *caches[i], keep, scale, config=config, pdl=False)
 
         mark = "*" if (chunk, block_s, warps) == chosen else " "
         try:
             results.append((f"{mark}triton chunk{chunk} S{block_s} w{warps}", time_graph(launch, n_layers)))
         except Exception as e:
             print(f"  chunk{chunk} S{block_s} w{warps}: {type(e).__name__}: {str(e)[:100]}")
+    # as the model calls it over a static cache: RoPE, QK-norm and the new token's write in the same kernel
+    projected = torch.randn(batch, 1, 3 * heads * head_dim, device="cuda", dtype=torch.bfloat16)
+    new_q, new_k, new_v = (t.view(batch, 1, heads, head_dim) for t in projected.chunk(3, dim=-1))
+    cos = sin = torch.rand(batch, head_dim // 2, device="cuda", dtype=torch.bfloat16)
+    new = (new_k, new_v, cos, sin, torch.tensor(used - 1, device="cuda"), 1e-6, 1.0)
+    in_place = time_graph(lambda i: dk._launch_attention(new_q, *caches[i], keep, scale, new=new, pdl=False), n_layers)
+    results.append(("*in place: + RoPE, QK-norm, cache write", in_place))
     ours = dk.decode_attention(q, *caches[0], mask, scale)
     ref = F.scaled_dot_product_attention(q, *caches[0], attn_mask=mask, scale=scale).transpose(1, 2)
     print(f"  max |ours - SDPA| = {(ours.float() - ref.float()).abs().max().item():.2e}")
@@ -139,6 +131,8 @@ def main():
     parts = ["qkv", "o_proj", "fc1", "fc2", "lm_head", "attention"]
     p.add_argument("--only", default=",".join(parts), help=f"comma-separated subset of {','.join(parts)}")
     p.add_argument("--pdl", action="store_true", help="GEMVs launch with programmatic dependent launch (Hopper+)")
+    p.add_argument("--block-k", default="128,256,512,1024,2048",
+                   help="BLOCK_K values swept; one that covers K reads the weights before waiting (with --pdl)")
     args = p.parse_args()
     only = set(args.only.split(","))
     if only - set(parts):
@@ -154,7 +148,8 @@ def main():
     for name, n, k, layers, norm, residual in shapes:
         if name not in only:
             continue
-        rows = bench_gemv(n, k, layers, args.quick, norm, residual, args.pdl)
+        block_ks = [int(b) for b in args.block_k.split(",")]
+        rows = bench_gemv(n, k, layers, args.quick, norm, residual, args.pdl, block_ks)
         report(f"GEMV {name} ({n} x {k}), {layers} weights, norm={norm} residual={residual}, pdl={args.pdl}", rows,
                args.top)  # fmt: skip
     heads = d // 128

@@ -9,7 +9,7 @@ the library; the others patch in alternatives that are not in it:
 - cublas: without the Triton decode kernels (`hfnanochat.decode_kernels`): cuBLAS GEMMs, separate norms and adds,
   SDPA, the engine as it was before them;
 - update: the decode kernels, but each layer writes its cache through transformers' `StaticLayer.update` (Inductor's
-  rotary/norm kernel, the cache write, a length bump per layer) instead of `rotary_norm_cache_write`;
+  rotary/norm kernel, the cache write, a length bump per layer) instead of `decode_attention_in_place`;
 - gemv: one-row matmuls as multiply + sum, so Inductor writes reduction kernels (and fuses ReLU^2, the softcap) in
   place of cuBLAS calls;
 - onequery: attention of the one new token as products + reductions in fp32 for Inductor to fuse, in place of SDPA;
@@ -78,7 +78,7 @@ def main():
     if "cublas" in parts:
         modeling_hfnanochat.decode_kernels_available = lambda tensor: False
     if "update" in parts:
-        modeling_hfnanochat.HFNanoChatModel._writes_cache_in_place = lambda self, cache, inputs_embeds: False
+        modeling_hfnanochat.HFNanoChatModel._writes_cache_in_place = lambda self, cache, inputs_embeds, mask: False
     if "gemv" in parts:
         one_row_linear_as_reduction()
     if "onequery" in parts:

@@ -8,15 +8,17 @@ kernels, a third of them norms and adds of one row; Inductor's own reductions an
 their place, were slower. These kernels read each weight row once, fold the norm into the GEMV that consumes it
 (each program recomputes the row's RMS from the input, which is in cache) and split the cache across many programs.
 
-A third kernel does what sits between the q/k/v GEMV and the attention: RoPE, QK-norm and the write of k and v into
-a static cache, one launch where Inductor made three.
+Over a static cache the attention kernel also does what sits between the q/k/v GEMV and the attention: RoPE,
+QK-norm and the write of the new k and v into the cache. Its programs merge their chunks themselves (the last one of
+a head to finish), so a layer's attention is one launch where Inductor and the unfused ops made five.
 
 On Hopper and newer the kernels launch with programmatic dependent launch (PDL): a kernel starts while the one before
 it finishes, reads only what no kernel of the step writes (a GEMV's weights, when one block covers the row), and then
-waits for its predecessor's results (`gdc_wait`) before it reads anything else or writes anything. Together with the
-fused cache write, a d20 step went from 751 to 678 us on an H200 (docs/benchmarks.md). Each kernel is a
-`torch.library.custom_op`, so `torch.compile` keeps it inside its graph and CUDA graph; not a `triton_op`, whose
-kernels Inductor launches itself, without PDL.
+waits for its predecessor's results (`gdc_wait`) before it reads anything else or writes anything. With PDL the
+GEMVs take one block over the whole row, so all their weight reads come before the wait: d20 batch-1 decode on one
+H200 went from ~1,535 tok/s (512-wide blocks, a separate rotary kernel and merge) to ~1,710 (docs/benchmarks.md).
+Each kernel is a `torch.library.custom_op`, so `torch.compile` keeps it inside its graph and CUDA graph; not a
+`triton_op`, whose kernels Inductor launches itself, without PDL.
 
 They run where Triton runs: CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1` (how the tests check them
 without a GPU). `available(tensor)` says which.
@@ -54,12 +56,18 @@ def _launch_dependents_early(device: torch.device) -> bool:
     )
 
 
-def _gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for an (n x k) weight, from a sweep on an H200 (bench/decode_kernels.py): a
-    whole row per loop step when n is small (few programs, each with many loads in flight), narrow blocks for a
-    large head."""
+def _gemv_config(n: int, k: int, pdl: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for an (n x k) weight, from sweeps on an H200 (bench/decode_kernels.py).
+
+    With PDL, one block over the whole row (up to 8K wide): each program reads its weights before it waits for the
+    kernel before it, so the read overlaps that kernel (d20: q/k/v 5.0 -> 3.2 us, fc1 6.3 -> 4.2, fc2 6.1 -> 5.1).
+    Without PDL, a whole row per loop step when n is small (few programs, each with many loads in flight). A large
+    head keeps narrow blocks either way: its 16K+ programs cannot all be resident to read ahead."""
     if n >= 16384:
         block_n, block_k, warps = 2, 256, 1
+    elif pdl and k <= 8192:
+        block_k = max(triton.next_power_of_2(k), 16)
+        block_n, warps = min(max(8192 // block_k, 1), 16), 1
     elif n <= 2048:
         block_n, block_k, warps = 2, 2048, 2
     else:
@@ -69,8 +77,9 @@ def _gemv_config(n: int, k: int) -> tuple[int, int, int]:
 
 def _attention_config(slots: int) -> tuple[int, int, int]:
     """(CHUNK, BLOCK_S, num_warps): cache slots per program, per loop step, warps. 64-slot chunks were the best of a
-    sweep on an H200 (bench/decode_kernels.py) at 768 slots, batch 1 and 32; caches longer than 4,096 slots get
-    longer chunks, so that the combine kernel merges at most 64."""
+    sweep on an H200 (bench/decode_kernels.py) at 768 slots, batch 1 and 32, and in the model (32- and 128-slot
+    chunks, or 4 warps, made fewer tokens per second); caches longer than 4,096 slots get longer chunks, so that the
+    merging program reads at most 64."""
     chunk = max(64, triton.next_power_of_2(triton.cdiv(slots, 64)))
     return chunk, 64, 2
 
@@ -100,8 +109,9 @@ if triton is not None:
             acc = w.to(tl.float32) * x[None, :]
             squares = x * x
         else:
-            # several blocks along K: the loop as it was before PDL, after the wait. Peeling its first block off to
-            # read it before the wait made the q/k/v and fc1 GEMVs 2x slower (measured, docs/benchmarks.md).
+            # several blocks along K (no PDL, or the head): the loop, after the wait. Peeling its first 512-wide
+            # block off to read it before the wait made the q/k/v and fc1 GEMVs 2x slower (docs/benchmarks.md);
+            # with PDL they take one block over the whole row instead (`_gemv_config`).
             if PDL:
                 gdc_wait()
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -136,8 +146,8 @@ if triton is not None:
     ) -> torch.Tensor:
         n, k = weight.shape
         out = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device=x.device)
-        block_n, block_k, warps = _gemv_config(n, k)
         pdl = _launch_dependents_early(x.device)
+        block_n, block_k, warps = _gemv_config(n, k, pdl)
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             x, weight, out, residual if residual is not None else out, n, k, eps,
             NORM=norm, RELU_SQUARE=relu_square, RESIDUAL=residual is not None,
@@ -150,167 +160,207 @@ if triton is not None:
         return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
     @triton.jit
-    def _attention_partial_kernel(
-        q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
-        S, H, GROUPS, scaling,
+    def _rotate_and_norm(src, half, cos, sin, eps, scale, SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, DTYPE):
+        """nanochat's RoPE (apply_rotary) then its RMSNorm (then the qk scale) of one head as projected: the two
+        halves in fp32, rounded to DTYPE where the unfused ops round (Inductor computes them so when it fuses them)."""
+        x1 = tl.load(src + half).to(tl.float32)
+        x2 = tl.load(src + HEAD_DIM // 2 + half).to(tl.float32)
+        y1 = x1 * cos + x2 * sin
+        y2 = x2 * cos - x1 * sin
+        # the cast keeps fp32 math if a launcher passes a Python float as fp64 (Inductor's launcher does)
+        inv_rms = 1.0 / tl.sqrt((tl.sum(y1 * y1, axis=0) + tl.sum(y2 * y2, axis=0)) / HEAD_DIM
+                                + tl.cast(eps, tl.float32))  # fmt: skip
+        y1 = (y1 * inv_rms).to(DTYPE)
+        y2 = (y2 * inv_rms).to(DTYPE)
+        if SCALE:
+            y1 = (y1.to(tl.float32) * tl.cast(scale, tl.float32)).to(DTYPE)
+            y2 = (y2.to(tl.float32) * tl.cast(scale, tl.float32)).to(DTYPE)
+        return y1, y2
+
+    @triton.jit
+    def _attention_kernel(
+        q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, arrivals_ptr, out_ptr,
+        new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, slot_ptr,
+        S, H, GROUPS, scaling, eps, qk_scale,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb, stride_ms,
-        CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
+        stride_new_kb, stride_new_kh, stride_new_vb, stride_new_vh, stride_cos_b, stride_sin_b,
+        CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+        NEW_TOKEN: tl.constexpr, SCALE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """Softmax statistics (max, sum, weighted values) of one query head over one chunk of the cache."""
+        """One query head of one row over one chunk of the cache (split-KV, "flash decoding"): the chunk's softmax
+        statistics (max, sum, weighted values); the last program of the head to finish merges all chunks into
+        the output row.
+
+        NEW_TOKEN: q and the new token's k and v come as the q/k/v GEMV wrote them. Each program applies RoPE and
+        QK-norm to its q and k itself, the programs of the chunk that holds the slot `slot_ptr` points at (the
+        layer's length) attend to the new key and value from registers, and one of them writes them there."""
         if PDL:  # everything this kernel reads was written by earlier kernels of the step: wait for them first
             gdc_launch_dependents()
             gdc_wait()
         bh, split = tl.program_id(0), tl.program_id(1)
+        n_splits = tl.num_programs(1)
         b, h = bh // H, bh % H
         kv_h = h // GROUPS
+        half = tl.arange(0, HEAD_DIM // 2)
         dims = tl.arange(0, HEAD_DIM)
-        # the cast keeps fp32 math if a launcher passes a Python float as fp64 (Inductor's launcher does)
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + dims).to(tl.float32) * tl.cast(scaling, tl.float32)
+        k_head = k_ptr + b * stride_kb + kv_h * stride_kh
+        v_head = v_ptr + b * stride_vb + kv_h * stride_vh
+        # q and keys in halves (RoPE's split): the dot product is the sum over both
+        if NEW_TOKEN:
+            cos = tl.load(cos_ptr + b * stride_cos_b + half).to(tl.float32)
+            sin = tl.load(sin_ptr + b * stride_sin_b + half).to(tl.float32)
+            dtype = q_ptr.dtype.element_ty
+            q1, q2 = _rotate_and_norm(q_ptr + b * stride_qb + h * stride_qh, half, cos, sin, eps, qk_scale, SCALE,
+                                      HEAD_DIM, dtype)  # fmt: skip
+            new_k1, new_k2 = _rotate_and_norm(new_k_ptr + b * stride_new_kb + kv_h * stride_new_kh, half, cos, sin,
+                                              eps, qk_scale, SCALE, HEAD_DIM, dtype)  # fmt: skip
+            new_v = tl.load(new_v_ptr + b * stride_new_vb + kv_h * stride_new_vh + dims)
+            slot = tl.load(slot_ptr).to(tl.int32)
+            # one program per kv head writes the new token into the cache; never past it (index_copy_ would raise)
+            writer = (split == slot // CHUNK) & (h % GROUPS == 0) & (slot < S)
+            tl.store(k_head + slot * stride_ks + half, new_k1, mask=half < tl.where(writer, HEAD_DIM // 2, 0))
+            tl.store(k_head + slot * stride_ks + HEAD_DIM // 2 + half, new_k2,
+                     mask=half < tl.where(writer, HEAD_DIM // 2, 0))  # fmt: skip
+            tl.store(v_head + slot * stride_vs + dims, new_v, mask=dims < tl.where(writer, HEAD_DIM, 0))
+            new_k1, new_k2, new_v = new_k1.to(tl.float32), new_k2.to(tl.float32), new_v.to(tl.float32)
+        else:
+            q1 = tl.load(q_ptr + b * stride_qb + h * stride_qh + half)
+            q2 = tl.load(q_ptr + b * stride_qb + h * stride_qh + HEAD_DIM // 2 + half)
+            slot = -1
+        q1 = q1.to(tl.float32) * tl.cast(scaling, tl.float32)
+        q2 = q2.to(tl.float32) * tl.cast(scaling, tl.float32)
         m_i = tl.full([1], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([1], dtype=tl.float32)
         acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
         for s0 in range(split * CHUNK, split * CHUNK + CHUNK, BLOCK_S):
             slots = s0 + tl.arange(0, BLOCK_S)
             keep = tl.load(mask_ptr + b * stride_mb + slots * stride_ms, mask=slots < S, other=0) != 0
-            k = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + slots[:, None] * stride_ks + dims[None, :],
-                        mask=keep[:, None], other=0.0)  # fmt: skip
-            scores = tl.where(keep, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+            # the new token's slot is read from registers: another program may be writing it right now
+            fresh = slots == slot
+            cached = (keep & ~fresh)[:, None]
+            k1 = tl.load(k_head + slots[:, None] * stride_ks + half[None, :], mask=cached, other=0.0).to(tl.float32)
+            k2 = tl.load(k_head + slots[:, None] * stride_ks + HEAD_DIM // 2 + half[None, :], mask=cached,
+                         other=0.0).to(tl.float32)  # fmt: skip
+            if NEW_TOKEN:
+                k1 = tl.where(fresh[:, None], new_k1[None, :], k1)
+                k2 = tl.where(fresh[:, None], new_k2[None, :], k2)
+            scores = tl.sum(k1 * q1[None, :], axis=1) + tl.sum(k2 * q2[None, :], axis=1)
+            scores = tl.where(keep, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk with nothing to attend to yet
             p = tl.exp(scores - m_safe)
             alpha = tl.exp(m_i - m_safe)
-            v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + slots[:, None] * stride_vs + dims[None, :],
-                        mask=keep[:, None], other=0.0)  # fmt: skip
+            v = tl.load(v_head + slots[:, None] * stride_vs + dims[None, :], mask=cached, other=0.0).to(tl.float32)
+            if NEW_TOKEN:
+                v = tl.where(fresh[:, None], new_v[None, :], v)
             l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
-        n_splits = tl.num_programs(1)
         tl.store(m_ptr + bh * n_splits + split + tl.arange(0, 1), m_i)
         tl.store(l_ptr + bh * n_splits + split + tl.arange(0, 1), l_i)
         tl.store(acc_ptr + (bh * n_splits + split) * HEAD_DIM + dims, acc)
+        # The merge, in the program that finishes last, instead of a kernel of its own (a launch and ~1.5 us a
+        # layer at batch 1). Every thread's stores are issued before the barrier; the counter's atomic add
+        # (acquire-release, GPU scope) publishes them to the program that sees the count reach n_splits, which then
+        # reads them through L2 (.cg), and resets the counter for the next launch.
+        tl.debug_barrier()
+        if tl.atomic_add(arrivals_ptr + bh, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+            splits = tl.arange(0, BLOCK_SPLITS)
+            ok = splits < n_splits
+            m = tl.load(m_ptr + bh * n_splits + splits, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            m_max = tl.max(m, axis=0)
+            m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # no chunk had a slot to attend to
+            weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+            sums = tl.load(l_ptr + bh * n_splits + splits, mask=ok, other=0.0, cache_modifier=".cg")
+            total = tl.sum(sums * weight, axis=0)
+            accs = tl.load(acc_ptr + (bh * n_splits + splits[:, None]) * HEAD_DIM + dims[None, :], mask=ok[:, None],
+                           other=0.0, cache_modifier=".cg")  # fmt: skip
+            out = tl.sum(accs * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+            tl.store(out_ptr + bh * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+            tl.atomic_xchg(arrivals_ptr + bh, 0, sem="relaxed", scope="gpu")
 
-    @triton.jit
-    def _attention_combine_kernel(
-        m_ptr, l_ptr, acc_ptr, out_ptr, N_SPLITS, BLOCK_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr
-    ):
-        """Merge the chunks' statistics of one query head into its output row."""
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
-        bh = tl.program_id(0)
-        splits = tl.arange(0, BLOCK_SPLITS)
-        ok = splits < N_SPLITS
-        m = tl.load(m_ptr + bh * N_SPLITS + splits, mask=ok, other=float("-inf"))
-        m_max = tl.max(m, axis=0)
-        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # no chunk had a slot to attend to
-        weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
-        total = tl.sum(tl.load(l_ptr + bh * N_SPLITS + splits, mask=ok, other=0.0) * weight, axis=0)
-        dims = tl.arange(0, HEAD_DIM)
-        acc = tl.load(acc_ptr + (bh * N_SPLITS + splits[:, None]) * HEAD_DIM + dims[None, :], mask=ok[:, None],
-                      other=0.0)  # fmt: skip
-        out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-        tl.store(out_ptr + bh * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+    _ARRIVALS: dict[torch.device, torch.Tensor] = {}
 
-    @torch.library.custom_op("hfnanochat::decode_attention", mutates_args=())
-    def _decode_attention(
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
-    ) -> torch.Tensor:
-        B, H, _, D = query.shape
+    def _arrivals(device: torch.device) -> torch.Tensor:
+        """Per query head (of all rows), how many of its chunks' programs have finished: zero between launches (the
+        merging program resets its head's count). One buffer per device, shared by every launch there: launches on
+        one stream follow each other (two streams running the attention at once on one device would race on it).
+        Sized for 64K query heads a launch; made by `prepare` or at the first eager call."""
+        buffer = _ARRIVALS.get(device)
+        if buffer is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # a zero-fill recorded into a graph would not run before the graph replays
+                raise RuntimeError("call hfnanochat.decode_kernels.prepare(device) before capturing a CUDA graph")
+            buffer = _ARRIVALS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
+        return buffer
+
+    def _launch_attention(query, key, value, mask, scaling, new=None, config=None, pdl=None):
+        """Shared by both ops: `new` = (k, v, cos, sin, slot, eps, qk_scale) for a token still to rotate and write.
+        `config` (CHUNK, BLOCK_S, num_warps) and `pdl` override the defaults (bench/decode_kernels.py sweeps them)."""
+        B, H, D = query.shape[0], query.shape[2] if new is not None else query.shape[1], query.shape[-1]
         S = key.shape[2]
-        chunk, block_s, warps = _attention_config(S)
+        if B * H > _arrivals(query.device).numel():
+            raise ValueError(f"decode attention handles at most {_arrivals(query.device).numel()} query heads per "
+                             f"launch, got {B} rows x {H} heads")  # fmt: skip
+        chunk, block_s, warps = config or _attention_config(S)
         n_splits = triton.cdiv(S, chunk)
         m = torch.empty(B * H, n_splits, dtype=torch.float32, device=query.device)
         l_sum = torch.empty_like(m)
         acc = torch.empty(B * H, n_splits, D, dtype=torch.float32, device=query.device)
         out = torch.empty(B, 1, H, D, dtype=query.dtype, device=query.device)
-        pdl = _launch_dependents_early(query.device)
-        _attention_partial_kernel[(B * H, n_splits)](
-            query, key, value, mask, m, l_sum, acc,
-            S, H, H // key.shape[1], scaling,
-            query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-            value.stride(0), value.stride(1), value.stride(2), mask.stride(0), mask.stride(-1),
-            CHUNK=chunk, BLOCK_S=block_s, HEAD_DIM=D, PDL=pdl, num_warps=warps, launch_pdl=pdl,
-        )  # fmt: skip
-        _attention_combine_kernel[(B * H,)](
-            m, l_sum, acc, out, n_splits, BLOCK_SPLITS=triton.next_power_of_2(n_splits), HEAD_DIM=D, PDL=pdl,
-            num_warps=4, launch_pdl=pdl,
+        if new is None:  # query (B, H, 1, D)
+            new_k = new_v = cos = sin = slot = query
+            eps, qk_scale, q_strides, new_strides = 0.0, 1.0, (query.stride(0), query.stride(1)), (0,) * 6
+        else:  # query (B, 1, H, D) as projected, k and v (B, 1, Hkv, D)
+            new_k, new_v, cos, sin, slot, eps, qk_scale = new
+            q_strides = (query.stride(0), query.stride(2))
+            new_strides = (new_k.stride(0), new_k.stride(2), new_v.stride(0), new_v.stride(2), cos.stride(0),
+                           sin.stride(0))  # fmt: skip
+        pdl = _launch_dependents_early(query.device) if pdl is None else pdl
+        _attention_kernel[(B * H, n_splits)](
+            query, key, value, mask, m, l_sum, acc, _arrivals(query.device), out,
+            new_k, new_v, cos, sin, slot,
+            S, H, H // key.shape[1], scaling, eps, qk_scale,
+            *q_strides, key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2), mask.stride(0), mask.stride(-1), *new_strides,
+            CHUNK=chunk, BLOCK_S=block_s, HEAD_DIM=D, BLOCK_SPLITS=triton.next_power_of_2(n_splits),
+            NEW_TOKEN=new is not None, SCALE=qk_scale != 1.0, PDL=pdl, num_warps=warps, launch_pdl=pdl,
         )  # fmt: skip
         return out
+
+    @torch.library.custom_op("hfnanochat::decode_attention", mutates_args=())
+    def _decode_attention(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        return _launch_attention(query, key, value, mask, scaling)
 
     @_decode_attention.register_fake
     def _(query, key, value, mask, scaling):
         B, H, _, D = query.shape
         return query.new_empty(B, 1, H, D)
 
-    @triton.jit
-    def _rotary_norm_cache_write_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, values_ptr, slot_ptr,
-        H, S, eps, scale,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos_b, stride_sin_b,
-        stride_keys_b, stride_keys_h, stride_keys_s, stride_values_b, stride_values_h, stride_values_s,
-        SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        """One head of one row. A query head: RoPE, QK-norm (and the qk scale) into q_out. A kv head: the same for
-        its key, written with its value into the cache at the slot read from `slot_ptr` (the layer's length)."""
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
-        b, head = tl.program_id(0), tl.program_id(1)
-        half = tl.arange(0, HEAD_DIM // 2)
-        cos = tl.load(cos_ptr + b * stride_cos_b + half).to(tl.float32)
-        sin = tl.load(sin_ptr + b * stride_sin_b + half).to(tl.float32)
-        slot = tl.load(slot_ptr)
-        # a key is never written past the cache (the engine sizes it; index_copy_ would raise there)
-        write = half < tl.where((head < H) | (slot < S), HEAD_DIM // 2, 0)
-        if head < H:
-            src = q_ptr + b * stride_qb + head * stride_qh
-            dst = q_out_ptr + (b * H + head) * HEAD_DIM
-        else:
-            src = k_ptr + b * stride_kb + (head - H) * stride_kh
-            dst = keys_ptr + b * stride_keys_b + (head - H) * stride_keys_h + slot * stride_keys_s
-        x1 = tl.load(src + half).to(tl.float32)
-        x2 = tl.load(src + HEAD_DIM // 2 + half).to(tl.float32)
-        # nanochat's rotation (apply_rotary), then its RMSNorm, in fp32 with one rounding at the end, as Inductor
-        # computes the unfused ops when it fuses them
-        y1 = x1 * cos + x2 * sin
-        y2 = x2 * cos - x1 * sin
-        # the cast keeps fp32 math if a launcher passes a Python float as fp64 (Inductor's launcher does)
-        inv_rms = 1.0 / tl.sqrt((tl.sum(y1 * y1, axis=0) + tl.sum(y2 * y2, axis=0)) / HEAD_DIM
-                                + tl.cast(eps, tl.float32))  # fmt: skip
-        y1 = (y1 * inv_rms).to(q_out_ptr.dtype.element_ty)
-        y2 = (y2 * inv_rms).to(q_out_ptr.dtype.element_ty)
-        if SCALE:
-            y1 = (y1.to(tl.float32) * tl.cast(scale, tl.float32)).to(q_out_ptr.dtype.element_ty)
-            y2 = (y2.to(tl.float32) * tl.cast(scale, tl.float32)).to(q_out_ptr.dtype.element_ty)
-        tl.store(dst + half, y1, mask=write)
-        tl.store(dst + HEAD_DIM // 2 + half, y2, mask=write)
-        if head >= H:
-            dims = tl.arange(0, HEAD_DIM)
-            v = tl.load(v_ptr + b * stride_vb + (head - H) * stride_vh + dims)
-            dst_v = values_ptr + b * stride_values_b + (head - H) * stride_values_h + slot * stride_values_s
-            tl.store(dst_v + dims, v, mask=dims < tl.where(slot < S, HEAD_DIM, 0))
-
-    @torch.library.custom_op("hfnanochat::rotary_norm_cache_write", mutates_args=("keys", "values"))
-    def _rotary_norm_cache_write(
+    @torch.library.custom_op("hfnanochat::decode_attention_in_place", mutates_args=("keys", "values"))
+    def _decode_attention_in_place(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, eps: float, scale: float,
+        keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor,
+        eps: float, qk_scale: float, scaling: float,
     ) -> torch.Tensor:  # fmt: skip
-        B, _, H, D = q.shape
-        out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
-        pdl = _launch_dependents_early(q.device)
-        _rotary_norm_cache_write_kernel[(B, H + k.shape[2])](
-            q, k, v, cos, sin, out, keys, values, slot,
-            H, keys.shape[2], eps, scale,
-            q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), cos.stride(0), sin.stride(0),
-            keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-            SCALE=scale != 1.0, HEAD_DIM=D, PDL=pdl, num_warps=1, launch_pdl=pdl,
-        )  # fmt: skip
-        return out
+        return _launch_attention(q, keys, values, mask, scaling, new=(k, v, cos, sin, slot, eps, qk_scale))
 
-    @_rotary_norm_cache_write.register_fake
-    def _(q, k, v, cos, sin, keys, values, slot, eps, scale):
-        B, _, H, D = q.shape
-        return q.new_empty(B, H, 1, D)
+    @_decode_attention_in_place.register_fake
+    def _(q, k, v, cos, sin, keys, values, slot, mask, eps, qk_scale, scaling):
+        return q.new_empty(q.shape)
+
+
+def prepare(device: torch.device | str) -> None:
+    """Allocate what the kernels keep between launches on `device` (the attention's merge counters). Call it before
+    `torch.compile` runs a model with the kernels (`fast_decode` does): cudagraph trees warm a graph up inside its
+    memory pool and refuse a tensor allocated there that is not an output of the graph."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if triton is not None and available(torch.empty(0, device=device)):
+        _arrivals(device)
 
 
 def gemv(
@@ -354,7 +404,7 @@ def decode_attention(
     return _decode_attention(query, key, value, mask, float(scaling))
 
 
-def rotary_norm_cache_write(
+def decode_attention_in_place(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -363,34 +413,43 @@ def rotary_norm_cache_write(
     keys: torch.Tensor,
     values: torch.Tensor,
     slot: torch.Tensor,
+    mask: torch.Tensor,
     eps: float,
-    scale: float = 1.0,
+    qk_scale: float,
+    scaling: float,
 ) -> torch.Tensor:
-    """The attention's step between the q/k/v GEMV and the attention kernel, for one new token per row: nanochat's
-    RoPE then RMSNorm (then `scale`) on q and k, and k and v written into a static cache at position `slot`.
+    """A decode step's attention from the q/k/v GEMV's output to the output o_proj reads, over a static cache:
+    nanochat's RoPE then RMSNorm (then `qk_scale`) on q and k, k and v written into the cache at position `slot`,
+    and `decode_attention` of q over the cache with the new token in it. One kernel where Inductor made four (rotary
+    and norm, the cache write, the length bump) and the attention two.
 
     q (B, 1, H, D), k and v (B, 1, Hkv, D) as the projection makes them (strided views are fine); cos, sin
-    (B, 1, 1, D/2); keys, values (B, Hkv, S, D), written in place; slot a one-element integer tensor on the device
-    (a StaticLayer's `cumulative_length`, read when the kernel runs, so a CUDA graph replays it at every step).
-    Returns q as (B, H, 1, D). One kernel where Inductor made three of the unfused ops (rotary+norm, the cache
-    write, the bump of the layer's length; the model bumps all layers' lengths at once)."""
+    (B, 1, 1, D/2) or one row shared by all; keys, values (B, Hkv, S, D), written in place; slot a one-element
+    integer tensor on the device (a StaticLayer's `cumulative_length`, read when the kernel runs, so a CUDA graph
+    replays it at every step; the caller moves it on: the model does it once for all layers); mask as for
+    `decode_attention`, True at `slot`. A slot past the cache writes nothing. Returns (B, 1, H, D)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     if (
-        T != 1 or D % 2 or D & (D - 1) or k.shape != (B, 1, Hkv, D) or v.shape != k.shape
+        T != 1 or D & (D - 1) or D < 2 or Hkv == 0 or H % Hkv or k.shape != (B, 1, Hkv, D) or v.shape != k.shape
         or keys.shape[:2] != (B, Hkv) or keys.shape[3] != D or values.shape != keys.shape
         or cos.shape != sin.shape or cos.shape[-1] * 2 != D or cos.numel() * 2 != cos.shape[0] * D
         or cos.shape[0] not in (1, B) or slot.numel() != 1 or slot.dtype.is_floating_point
+        or mask.dtype != torch.bool or keys.stride(-1) != 1 or values.stride(-1) != 1  # written in place
     ):  # fmt: skip
         raise ValueError(
-            f"rotary_norm_cache_write takes one token per row, power-of-two heads and a cache of matching shape: q "
-            f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cos {tuple(cos.shape)}, keys "
-            f"{tuple(keys.shape)}, values {tuple(values.shape)}, slot {tuple(slot.shape)} {slot.dtype}"
+            f"decode_attention_in_place takes one token per row, power-of-two heads, a cache of matching shape (rows "
+            f"contiguous) and a bool mask: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cos "
+            f"{tuple(cos.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}, slot {tuple(slot.shape)} "
+            f"{slot.dtype}, mask {mask.dtype}"
         )
+    S = keys.shape[2]
+    mask = mask[..., -1, :S].expand(B, 1, S)[:, 0]  # (B, S), strides as they come
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # one row of cos/sin per row of q (a batch of rows at the same position may share one)
     cos, sin = (t.reshape(t.shape[0], D // 2).contiguous().expand(B, D // 2) for t in (cos, sin))
-    return _rotary_norm_cache_write(q, k, v, cos, sin, keys, values, slot, float(eps), float(scale))
+    return _decode_attention_in_place(q, k, v, cos, sin, keys, values, slot, mask, float(eps), float(qk_scale),
+                                      float(scaling))  # fmt: skip
 
 
-__all__ = ["available", "decode_attention", "gemv", "rotary_norm_cache_write"]
+__all__ = ["available", "decode_attention", "decode_attention_in_place", "gemv", "prepare"]

@@ -31,7 +31,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hfnanochat import HFNanoChatConfig
 from .decode_kernels import available as decode_kernels_available
-from .decode_kernels import decode_attention, gemv, rotary_norm_cache_write
+from .decode_kernels import decode_attention, decode_attention_in_place, gemv
+from .decode_kernels import prepare as prepare_decode_kernels
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x; our code
 # accepts both spellings and answers in the one this transformers expects.
@@ -163,8 +164,8 @@ class HFNanoChatAttention(nn.Module):
         embedding (its gate reads `gate_input`, the normed block input), RoPE, QK-norm, the cache, attention.
 
         `cache_in_place` (set by HFNanoChatModel.forward for a decode step over a StaticCache with the decode kernels
-        on): RoPE, QK-norm and the cache write run as one kernel, and the layer's length is left for the model to
-        move on after the last layer."""
+        on): RoPE, QK-norm, the cache write and the attention run as one kernel, and the layer's length is left for
+        the model to move on after the last layer."""
         B, T, _ = q.shape
         eps = self.config.rms_norm_eps
         q = q.view(B, T, self.num_heads, self.head_dim)
@@ -176,18 +177,17 @@ class HFNanoChatAttention(nn.Module):
         cos, sin = position_embeddings
         if cache_in_place:
             layer = cache.layers[self.layer_idx]
-            q = rotary_norm_cache_write(
-                q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length, eps, self.config.qk_scale
-            )
-            k, v = layer.keys, layer.values
-        else:
-            # RoPE first, then QK-norm: nanochat's order (the norm keeps attention logits bounded after rotation).
-            q, k = rms_norm(apply_rotary(q, cos, sin), eps), rms_norm(apply_rotary(k, cos, sin), eps)
-            if self.config.qk_scale != 1.0:
-                q, k = q * self.config.qk_scale, k * self.config.qk_scale
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-            if cache is not None:
-                k, v = cache.update(k, v, self.layer_idx)
+            return decode_attention_in_place(
+                q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length, attention_mask, eps,
+                self.config.qk_scale, self.scaling,
+            ).reshape(B, T, -1)  # fmt: skip
+        # RoPE first, then QK-norm: nanochat's order (the norm keeps attention logits bounded after rotation).
+        q, k = rms_norm(apply_rotary(q, cos, sin), eps), rms_norm(apply_rotary(k, cos, sin), eps)
+        if self.config.qk_scale != 1.0:
+            q, k = q * self.config.qk_scale, k * self.config.qk_scale
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         boolean_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
         if self.decode_kernels and T == 1 and boolean_mask:
             # one new token over an SDPA-style mask (True = attend; it also hides a static cache's unwritten slots)
@@ -311,6 +311,8 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
         kernels = decode_kernels_available(next(self.parameters()))
         switches = [(m, "use_fused_qkv") for m in fused]
         if kernels:
+            for device in {m.qkv_weight.device for m in fused}:
+                prepare_decode_kernels(device)
             # the attention kernel holds a head in one power-of-two block (nanochat's heads are 128 wide)
             switches += [(m, "decode_kernels") for m in fused if m.head_dim & (m.head_dim - 1) == 0]
             switches += [
@@ -405,12 +407,15 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _writes_cache_in_place(self, cache: Cache | None, inputs_embeds: torch.Tensor) -> bool:
-        """Whether this step writes the cache through `rotary_norm_cache_write`: one new token per row, no autograd,
-        every attention layer on the decode kernels, and a cache of plain StaticLayers (a sliding-window layer wraps
-        around; an older transformers StaticLayer has no `cumulative_length` tensor to read the slot from)."""
+    def _writes_cache_in_place(self, cache: Cache | None, inputs_embeds: torch.Tensor, mask) -> bool:
+        """Whether this step's attention runs through `decode_attention_in_place`, which writes the cache: one new
+        token per row, no autograd, every attention layer on the decode kernels, an SDPA-style bool mask, and a cache
+        of plain StaticLayers (a sliding-window layer wraps around; an older transformers StaticLayer has no
+        `cumulative_length` tensor to read the slot from)."""
         return (
             inputs_embeds.shape[1] == 1
+            and isinstance(mask, torch.Tensor)
+            and mask.dtype == torch.bool
             and not torch.is_grad_enabled()
             and isinstance(cache, Cache)
             and len(cache.layers) == len(self.layers)
@@ -504,10 +509,10 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
             x = self._smear(x, cache)
         x0 = x
         # A decode step over a StaticCache with the decode kernels on: each layer writes its key and value into its
-        # cache slot inside the kernel that rotates and norms them, and all layers' lengths move on together after
-        # the last layer. StaticLayer.update would launch three kernels per layer (rotary+norm, the write, the
-        # length bump); at batch 1 each costs ~1-2 us, as much as a small GEMV's weight read.
-        cache_in_place = self._writes_cache_in_place(cache, inputs_embeds)
+        # cache slot inside its attention kernel, which rotates and norms them, and all layers' lengths move on
+        # together after the last layer. StaticLayer.update would launch three kernels per layer (rotary+norm, the
+        # write, the length bump); at batch 1 each costs ~1-2 us, as much as a small GEMV's weight read.
+        cache_in_place = self._writes_cache_in_place(cache, inputs_embeds, masks.get("full_attention"))
         if cache_in_place:
             kwargs = {**kwargs, "cache_in_place": True}
         backout_layer = self.config.num_hidden_layers // 2

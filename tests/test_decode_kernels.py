@@ -88,53 +88,74 @@ def test_decode_attention_equals_sdpa_with_gqa_padding_and_unwritten_slots(dtype
     torch.testing.assert_close(decode_kernels.decode_attention(q, k_dirty, v_dirty, mask, scaling=0.3), ours)
     nothing = torch.zeros_like(mask)
     assert (decode_kernels.decode_attention(q, k, v, nothing, 0.3) == 0).all()  # never NaN
+    # the last program of a head merges its chunks, counted with atomics: on a GPU, where the programs race, every
+    # launch must find all the chunks' results (the same output, bit for bit) and leave the counters at zero
+    for _ in range(1 if INTERPRETED else 200):
+        assert torch.equal(decode_kernels.decode_attention(q, k, v, mask, scaling=0.3), ours)
+    assert not decode_kernels._arrivals(q.device).any()
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_scale", [1.0, 1.2])
-def test_rotary_norm_cache_write_equals_unfused_ops(dtype, qk_scale):
+def test_decode_attention_in_place_equals_rotary_norm_cache_update_and_sdpa(dtype, qk_scale):
     from hfnanochat.modeling_hfnanochat import apply_rotary, rms_norm
 
     torch.manual_seed(0)
-    B, H, Hkv, S, D, slot = 3, 4, 2, 10, 16, 6
+    B, H, Hkv, S, D, slot = 3, 4, 2, 150, 16, 70  # three chunks of the cache; the new token in the second
     qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, device=DEVICE).to(dtype) * 2  # the GEMV's output, split as views
     q, k, v = (t.view(B, 1, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
     angles = torch.rand(B, 1, 1, D // 2, device=DEVICE) * 6
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     keys, values = (torch.randn(B, Hkv, S, D, device=DEVICE).to(dtype) for _ in range(2))
+    keys[:, :, slot:] = float("nan")  # the new token's slot and the unwritten ones after it: never read
+    values[:, :, slot:] = float("inf")
     keys_before, values_before = keys.clone(), values.clone()
     length = torch.tensor(slot, device=DEVICE)
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=DEVICE)
+    mask[..., : slot + 1] = True
+    mask[1, ..., :37] = False  # left padding
 
     def expected(x):  # fp32 math on the same bf16 inputs, one rounding (as Inductor fuses the unfused ops)
         y = rms_norm(apply_rotary(x.float(), cos.float(), sin.float()), 1e-6).to(dtype)
         return (y.float() * qk_scale).to(dtype) if qk_scale != 1.0 else y
 
-    ours = decode_kernels.rotary_norm_cache_write(q, k, v, cos, sin, keys, values, length, 1e-6, qk_scale)
-    reference = expected(q).transpose(1, 2).float()
-    tolerance = 1e-5 if dtype == torch.float32 else 2 * ulps(reference, dtype)
-    assert ours.shape == (B, H, 1, D) and ours.dtype == dtype
-    assert ((ours.float() - reference).abs() <= tolerance).all()
+    ours = decode_kernels.decode_attention_in_place(q, k, v, cos, sin, keys, values, length, mask, 1e-6, qk_scale, 0.3)
+    assert ours.shape == (B, 1, H, D) and ours.dtype == dtype
+    # the cache as StaticLayer.update leaves it: the new key (rotated, normed) and value at the slot, nothing else
     written = keys[:, :, slot].float() - expected(k)[:, 0].float()
     assert (written.abs() <= (1e-5 if dtype == torch.float32 else 2 * ulps(keys[:, :, slot].float(), dtype))).all()
     assert torch.equal(values[:, :, slot], v[:, 0])
     others = [s for s in range(S) if s != slot]
-    assert torch.equal(keys[:, :, others], keys_before[:, :, others])
+    assert torch.equal(keys[:, :, others].isnan(), keys_before[:, :, others].isnan())
+    assert torch.equal(keys[:, :, others].nan_to_num(), keys_before[:, :, others].nan_to_num())
     assert torch.equal(values[:, :, others], values_before[:, :, others])
     assert length.item() == slot  # the caller moves the length on (the model does it once for all layers)
-    # one cos/sin row shared by all rows (rows at one position); a slot past the cache writes nothing
-    shared = decode_kernels.rotary_norm_cache_write(q[:1], k[:1], v[:1], cos[:1], sin[:1], keys[:1], values[:1],
-                                                    length, 1e-6, qk_scale)  # fmt: skip
+    # the attention over that cache
+    ref = F.scaled_dot_product_attention(expected(q).transpose(1, 2).float(), keys.float().nan_to_num(),
+                                         values.float().nan_to_num(posinf=0.0), attn_mask=mask, scale=0.3,
+                                         enable_gqa=True)  # fmt: skip
+    ref = ref.transpose(1, 2)
+    # bf16: the output's rounding, and q's. Triton's interpreter rounds fp32 to bf16 toward zero (CUDA: to nearest),
+    # so there q can be an ulp off the reference, twice with a qk scale.
+    tolerance = 1e-5 if dtype == torch.float32 else (3 if INTERPRETED else 2) * ulps(ref, dtype)
+    assert ((ours.float() - ref).abs() <= tolerance).all()
+    assert not decode_kernels._arrivals(q.device).any()  # the merge counters are back to zero for the next launch
+    # one cos/sin row shared by all rows (rows at one position)
+    shared = decode_kernels.decode_attention_in_place(q[:1], k[:1], v[:1], cos[:1], sin[:1], keys[:1], values[:1],
+                                                      length, mask[:1], 1e-6, qk_scale, 0.3)  # fmt: skip
     torch.testing.assert_close(shared, ours[:1])
+    # a slot past the cache writes nothing
     keys_full, values_full = keys.clone(), values.clone()
-    decode_kernels.rotary_norm_cache_write(q, k, v, cos, sin, keys, values, torch.tensor(S, device=DEVICE), 1e-6)
-    assert torch.equal(keys, keys_full) and torch.equal(values, values_full)
+    decode_kernels.decode_attention_in_place(q, k, v, cos, sin, keys, values, torch.tensor(S, device=DEVICE), mask,
+                                             1e-6, qk_scale, 0.3)  # fmt: skip
+    assert torch.equal(keys.nan_to_num(), keys_full.nan_to_num()) and torch.equal(values, values_full)
 
 
 @needs_triton
 def test_decode_step_over_a_static_cache_writes_it_in_place_like_update(monkeypatch):
-    """With the decode kernels on, a one-token step over a StaticCache writes each layer's key and value in the
-    rotary kernel and moves every layer's length on once, after the last layer: same cache, same logits as
+    """With the decode kernels on, a one-token step over a StaticCache writes each layer's key and value in its
+    attention kernel and moves every layer's length on once, after the last layer: same cache, same logits as
     StaticLayer.update under the unfused forward. A prefill (many tokens) keeps update."""
     from transformers import StaticCache
 
@@ -154,9 +175,9 @@ def test_decode_step_over_a_static_cache_writes_it_in_place_like_update(monkeypa
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
-        return decode_kernels.rotary_norm_cache_write(*args, **kwargs)
+        return decode_kernels.decode_attention_in_place(*args, **kwargs)
 
-    monkeypatch.setattr(modeling_hfnanochat, "rotary_norm_cache_write", counted)
+    monkeypatch.setattr(modeling_hfnanochat, "decode_attention_in_place", counted)
     reference, reference_cache = run(fast=False)
     assert not calls
     fused, cache = run(fast=True)
@@ -167,14 +188,17 @@ def test_decode_step_over_a_static_cache_writes_it_in_place_like_update(monkeypa
         torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-5)
     one, two = torch.zeros(1, 1, 64, device=DEVICE), torch.zeros(1, 2, 64, device=DEVICE)
+    mask = torch.ones(1, 1, 1, 16, dtype=torch.bool, device=DEVICE)
+    in_place = model.model._writes_cache_in_place
     with torch.no_grad():
         with model.fast_decode():
-            assert model.model._writes_cache_in_place(cache, one)
-            assert not model.model._writes_cache_in_place(cache, two)  # a prefill
-            assert not model.model._writes_cache_in_place(StaticCache(config=model.config, max_cache_len=16), one)
-        assert not model.model._writes_cache_in_place(cache, one)  # kernels off
+            assert in_place(cache, one, mask)
+            assert not in_place(cache, two, mask)  # a prefill
+            assert not in_place(StaticCache(config=model.config, max_cache_len=16), one, mask)  # not allocated yet
+            assert not in_place(cache, one, mask.float())  # an additive mask (the kernel reads a bool one)
+        assert not in_place(cache, one, mask)  # kernels off
     with model.fast_decode():
-        assert not model.model._writes_cache_in_place(cache, one)  # autograd on (training never sees the kernels)
+        assert not in_place(cache, one, mask)  # autograd on (training never sees the kernels)
 
 
 @needs_triton
@@ -187,11 +211,14 @@ def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="one query"):
         decode_kernels.decode_attention(q, kv, kv, torch.ones(1, 1, 2, 10, dtype=torch.bool, device=DEVICE), 1.0)
     cos = torch.ones(1, 1, 1, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="one token per row"):  # a cache with other heads than k
-        decode_kernels.rotary_norm_cache_write(q.transpose(1, 2), kv[:, :, :1], kv[:, :, :1], cos, cos,
-                                               torch.zeros(1, 3, 10, 16, device=DEVICE),
-                                               torch.zeros(1, 3, 10, 16, device=DEVICE),
-                                               torch.tensor(0, device=DEVICE), 1e-6)  # fmt: skip
+    one_q, new_kv = q[:, :, :1].transpose(1, 2), kv[:, :, :1].transpose(1, 2)  # (1, 1, H, D), (1, 1, Hkv, D)
+    mask, slot = torch.ones(1, 1, 1, 10, dtype=torch.bool, device=DEVICE), torch.tensor(0, device=DEVICE)
+    other_heads = torch.zeros(1, 3, 10, 16, device=DEVICE)
+    transposed = torch.zeros(1, 2, 16, 10, device=DEVICE).transpose(2, 3)  # a write would land in a copy
+    for keys, values in ((other_heads, other_heads), (transposed, kv.clone())):
+        with pytest.raises(ValueError, match="one token per row"):
+            decode_kernels.decode_attention_in_place(one_q, new_kv, new_kv, cos, cos, keys, values, slot, mask, 1e-6,
+                                                     1.0, 1.0)  # fmt: skip
 
 
 @needs_triton

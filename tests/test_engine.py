@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM
+from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, decode_kernels
 from hfnanochat.engine import STATIC_CACHE_BUCKET, Engine, sample_next_token
 from hfnanochat.tokenizer import get_special_token_ids, train_tokenizer
 
@@ -350,7 +350,10 @@ def test_compiled_static_decode_equals_generate_on_cpu(tokenizer):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled static-cache decode path is CUDA's default")
-def test_cuda_default_is_compiled_static_decode_and_equals_generate(tokenizer):
+def test_cuda_default_is_compiled_static_decode_and_equals_generate(tokenizer, monkeypatch):
+    # as in a fresh process: the decode kernels' attention counters are made when the engine enters fast_decode,
+    # not inside the cudagraph pool where torch.compile warms the step up
+    monkeypatch.setattr(decode_kernels, "_ARRIVALS", {})
     model = random_model(tiny_config(**ALL_2026)).cuda()
     engine = Engine(model, tokenizer)
     assert engine.static and engine.compile
@@ -368,11 +371,12 @@ def test_cuda_default_is_compiled_static_decode_and_equals_generate(tokenizer):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs (the compiled decode path on CUDA)")
-def test_cuda_graph_is_recorded_once_for_calls_of_one_cache_shape(tokenizer):
+def test_cuda_graph_is_recorded_once_for_calls_of_one_cache_shape(tokenizer, monkeypatch):
     """Prompts of different lengths in one capacity bucket: one StaticCache, so torch.compile records the decode
     step's CUDA graph in the first call only (a new cache at new addresses made it record again, call after call)."""
     from torch._inductor import cudagraph_trees
 
+    monkeypatch.setattr(decode_kernels, "_ARRIVALS", {})  # as in a fresh process (see the test above)
     engine = Engine(random_model(tiny_config()).cuda(), tokenizer)
     manager, recordings = cudagraph_trees.CUDAGraphTreeManager, []
     record = manager.record_function
