@@ -299,9 +299,10 @@ if triton is not None:
         `config` (CHUNK, BLOCK_S, num_warps) and `pdl` override the defaults (bench/decode_kernels.py sweeps them)."""
         B, H, D = query.shape[0], query.shape[2] if new is not None else query.shape[1], query.shape[-1]
         S = key.shape[2]
-        if B * H > _arrivals(query.device).numel():
-            raise ValueError(f"decode attention handles at most {_arrivals(query.device).numel()} query heads per "
-                             f"launch, got {B} rows x {H} heads")  # fmt: skip
+        arrivals = _arrivals(query.device)
+        if B * H > arrivals.numel():
+            raise ValueError(f"decode attention handles at most {arrivals.numel()} query heads per launch, got {B} "
+                             f"rows x {H} heads")  # fmt: skip
         chunk, block_s, warps = config or _attention_config(S)
         n_splits = triton.cdiv(S, chunk)
         m = torch.empty(B * H, n_splits, dtype=torch.float32, device=query.device)
@@ -318,7 +319,7 @@ if triton is not None:
                            sin.stride(0))  # fmt: skip
         pdl = _launch_dependents_early(query.device) if pdl is None else pdl
         _attention_kernel[(B * H, n_splits)](
-            query, key, value, mask, m, l_sum, acc, _arrivals(query.device), out,
+            query, key, value, mask, m, l_sum, acc, arrivals, out,
             new_k, new_v, cos, sin, slot,
             S, H, H // key.shape[1], scaling, eps, qk_scale,
             *q_strides, key.stride(0), key.stride(1), key.stride(2),
@@ -384,6 +385,16 @@ def gemv(
                  relu_square)  # fmt: skip
 
 
+def _rows_of(mask: torch.Tensor, B: int, S: int) -> torch.Tensor:
+    """The last query row of an SDPA-style mask, (B, S) over the cache's S slots, strides as they come."""
+    return mask[..., -1, :S].expand(B, 1, S)[:, 0]
+
+
+def _unit_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernels index heads and rows by strides but read the last dimension contiguously."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
 def decode_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
@@ -396,12 +407,8 @@ def decode_attention(
             f"decode_attention takes one query per row, H a multiple of Hkv, a power-of-two head size and a bool "
             f"mask: query {tuple(query.shape)}, key {tuple(key.shape)}, mask {mask.dtype}"
         )
-    mask = mask[..., -1, : key.shape[2]].expand(B, 1, key.shape[2])[:, 0]  # (B, S), strides as they come
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    key = key if key.stride(-1) == 1 else key.contiguous()
-    value = value if value.stride(-1) == 1 else value.contiguous()
-    return _decode_attention(query, key, value, mask, float(scaling))
+    query, key, value = _unit_stride(query, key, value)
+    return _decode_attention(query, key, value, _rows_of(mask, B, key.shape[2]), float(scaling))
 
 
 def decode_attention_in_place(
@@ -443,13 +450,11 @@ def decode_attention_in_place(
             f"{tuple(cos.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}, slot {tuple(slot.shape)} "
             f"{slot.dtype}, mask {mask.dtype}"
         )
-    S = keys.shape[2]
-    mask = mask[..., -1, :S].expand(B, 1, S)[:, 0]  # (B, S), strides as they come
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = _unit_stride(q, k, v)
     # one row of cos/sin per row of q (a batch of rows at the same position may share one)
     cos, sin = (t.reshape(t.shape[0], D // 2).contiguous().expand(B, D // 2) for t in (cos, sin))
-    return _decode_attention_in_place(q, k, v, cos, sin, keys, values, slot, mask, float(eps), float(qk_scale),
-                                      float(scaling))  # fmt: skip
+    return _decode_attention_in_place(q, k, v, cos, sin, keys, values, slot, _rows_of(mask, B, keys.shape[2]),
+                                      float(eps), float(qk_scale), float(scaling))  # fmt: skip
 
 
 __all__ = ["available", "decode_attention", "decode_attention_in_place", "gemv", "prepare"]

@@ -247,8 +247,8 @@ class HFNanoChatDecoderLayer(nn.Module):
         self, x, position_embeddings, attention_mask, value_embedding, cache, cache_in_place, **kwargs
     ):  # fmt: skip
         """The block for a single token with the Triton GEMVs of `decode_kernels`: each RMSNorm folds into the GEMV
-        that reads it, ReLU² and the residual adds into the GEMVs that produce them. Seven kernels instead of ~15
-        when the cache is written in place (`cache_in_place`), nine otherwise."""
+        that reads it, ReLU² and the residual adds into the GEMVs that produce them. Five kernels instead of ~15
+        when the cache is written in place (`cache_in_place`); otherwise the cache's own update adds its kernels."""
         attn = self.self_attn
         if attn.ve_gate is None:
             gate_input, qkv = None, gemv(x, attn.qkv_weight, norm_eps=self.eps)
