@@ -42,8 +42,10 @@ def make_runner(model, impl: str, cache: str, prompts: torch.Tensor, compile: bo
         rows = prompts.tolist()
 
         def run(n):
-            return sum(sum(t is not None for t in tokens) for tokens, _ in engine.generate(rows, max_new_tokens=n,
-                                                                                            temperature=0.0))
+            return sum(
+                sum(t is not None for t in tokens)
+                for tokens, _ in engine.generate(rows, max_new_tokens=n, temperature=0.0)
+            )
 
         return run
     ids = prompts.to(model.device)
@@ -119,8 +121,10 @@ def main():
             run(1), run(args.new_tokens)  # warm-up, compilation
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            (t_prefill, made_prefill), (t_total, made) = (timed(run, 1, args.repeats, sync),
-                                                          timed(run, args.new_tokens, args.repeats, sync))
+            (t_prefill, made_prefill), (t_total, made) = (
+                timed(run, 1, args.repeats, sync),
+                timed(run, args.new_tokens, args.repeats, sync),
+            )
             result = dict(
                 impl=impl, cache=cache, compiled=on_cuda and cache == "static", batch=batch_size,
                 depth=args.depth, dtype=args.dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,

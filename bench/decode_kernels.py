@@ -131,8 +131,11 @@ def main():
     parts = ["qkv", "o_proj", "fc1", "fc2", "lm_head", "attention"]
     p.add_argument("--only", default=",".join(parts), help=f"comma-separated subset of {','.join(parts)}")
     p.add_argument("--pdl", action="store_true", help="GEMVs launch with programmatic dependent launch (Hopper+)")
-    p.add_argument("--block-k", default="128,256,512,1024,2048",
-                   help="BLOCK_K values swept; one that covers K reads the weights before waiting (with --pdl)")
+    p.add_argument(
+        "--block-k",
+        default="128,256,512,1024,2048",
+        help="BLOCK_K values swept; one that covers K reads the weights before waiting (with --pdl)",
+    )
     args = p.parse_args()
     only = set(args.only.split(","))
     if only - set(parts):

@@ -64,9 +64,11 @@ def main():
     cycle()  # compilation, first recordings
     before = len(recordings)
     times = cycle()
-    print(f"{'fresh cache per call' if args.fresh_cache else 'cache kept'}: ms per call "
-          f"{' '.join(f'{t * 1000:.0f}' for t in times)}, mean {sum(times) / len(times) * 1000:.1f}; "
-          f"CUDA graph recordings in these calls: {len(recordings) - before} ({torch.cuda.get_device_name()})")
+    print(
+        f"{'fresh cache per call' if args.fresh_cache else 'cache kept'}: ms per call "
+        f"{' '.join(f'{t * 1000:.0f}' for t in times)}, mean {sum(times) / len(times) * 1000:.1f}; "
+        f"CUDA graph recordings in these calls: {len(recordings) - before} ({torch.cuda.get_device_name()})"
+    )
 
 
 if __name__ == "__main__":

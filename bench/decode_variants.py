@@ -112,8 +112,11 @@ def main():
         torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
     t1 = sorted(run(1) for _ in range(3))[1]
     t256 = sorted(run(256) for _ in range(3))[1]
-    print(f"{args.variant}: decode {255 / (t256 - t1):.0f} tok/s at batch 1 on {torch.cuda.get_device_name()} "
-          f"(warm-up incl. compilation {warmup:.0f} s)", flush=True)
+    print(
+        f"{args.variant}: decode {255 / (t256 - t1):.0f} tok/s at batch 1 on {torch.cuda.get_device_name()} "
+        f"(warm-up incl. compilation {warmup:.0f} s)",
+        flush=True,
+    )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -126,7 +129,7 @@ def main():
 
         # a decode step's events: a generation of 33 tokens after the events of one of 1 (the prefill, first sample)
         prefill = kernels(1)
-        steps = kernels(33)[len(prefill):]
+        steps = kernels(33)[len(prefill) :]
         per_kernel = {}
         for e in steps:
             us, count = per_kernel.get(e.key, (0.0, 0))
@@ -135,10 +138,12 @@ def main():
         wall = (steps[-1].time_range.end - steps[0].time_range.start) / 32
         gaps = [b.time_range.start - a.time_range.end for a, b in zip(steps, steps[1:])]
         short = sum(g for g in gaps if g < 5) / 32
-        print(f"per decode step: {wall:.0f} us of GPU timeline = {busy:.0f} us in {len(steps) / 32:.0f} kernels and "
-              f"copies + {short:.0f} us of gaps under 5 us (launch to launch inside a graph) + "
-              f"{wall - busy - short:.0f} us of longer gaps (the GPU waiting for the host); prefill "
-              f"{sum(e.time_range.elapsed_us() for e in prefill) / 1000:.2f} ms of kernels")
+        print(
+            f"per decode step: {wall:.0f} us of GPU timeline = {busy:.0f} us in {len(steps) / 32:.0f} kernels and "
+            f"copies + {short:.0f} us of gaps under 5 us (launch to launch inside a graph) + "
+            f"{wall - busy - short:.0f} us of longer gaps (the GPU waiting for the host); prefill "
+            f"{sum(e.time_range.elapsed_us() for e in prefill) / 1000:.2f} ms of kernels"
+        )
         for key, (us, count) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]:
             print(f"{us:8.1f} us/step {count:6.1f}/step {us / count:7.2f} us each  {key[:90]}")
 

@@ -30,8 +30,12 @@ def main():
     p.add_argument("--vocab-size", type=int, default=65536)
     p.add_argument("--window-pattern", default="L")
     p.add_argument("--attn", default="sdpa", help="sdpa | flex_attention | eager | flash_attention_3 ...")
-    p.add_argument("--activation-memory-budget", type=float, default=1.0,
-                   help="below 1: let the compiler recompute activations to fit this fraction of the saved memory")
+    p.add_argument(
+        "--activation-memory-budget",
+        type=float,
+        default=1.0,
+        help="below 1: let the compiler recompute activations to fit this fraction of the saved memory",
+    )
     p.add_argument("--steps", type=int, default=8, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps (compilation)")
     p.add_argument("--no-compile", action="store_true")
@@ -153,11 +157,15 @@ def print_gpu_time(train_step, step: int, accelerator) -> None:
         name = e.key.lower()
         kind = next((k for k, frags in KERNEL_KINDS if any(f in name for f in frags)), "other")
         by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total
-    accelerator.print(f"GPU time of one step: {total / 1e6:.3f} s; " + ", ".join(
-        f"{kind} {100 * t / total:.1f}%" for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    accelerator.print(
+        f"GPU time of one step: {total / 1e6:.3f} s; "
+        + ", ".join(f"{kind} {100 * t / total:.1f}%" for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    )
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
-        accelerator.print(f"{100 * e.self_device_time_total / total:6.2f}% {e.count:6d}x "
-                          f"{e.self_device_time_total / e.count:9.1f} us  {e.key[:100]}")
+        accelerator.print(
+            f"{100 * e.self_device_time_total / total:6.2f}% {e.count:6d}x "
+            f"{e.self_device_time_total / e.count:9.1f} us  {e.key[:100]}"
+        )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ def build_base(conversations, out: Path, depth: int, max_seq_len: int, vocab_siz
     model.save_pretrained(out)
     save_tokenizer(tokenizer, out)
     set_generation_defaults(model, tokenizer, out)
-    longest = max(len(render_conversation(tokenizer, conv["messages"], max_tokens=max_seq_len + 1)[0])
-                  for conv in conversations)
+    longest = max(
+        len(render_conversation(tokenizer, conv["messages"], max_tokens=max_seq_len + 1)[0]) for conv in conversations
+    )
     if longest > max_seq_len:
         raise ValueError(f"a conversation has {longest} tokens, more than --max-seq-len {max_seq_len}")
     return len(tokenizer)
@@ -83,11 +84,26 @@ def main():
         vocab = build_base(conversations, out / "base", args.depth, args.max_seq_len, args.vocab_size)
 
         run_dir = out / args.stage
-        run([sys.executable, f"train/{args.stage}.py", "--model", str(out / "base"), "--out", str(run_dir),
-             "--no-recipe", "--data", str(data), "--max-rows", str(args.max_rows), "--save-every", "0",
-             *args.stage_args])
+        run(
+            [
+                sys.executable,
+                f"train/{args.stage}.py",
+                "--model",
+                str(out / "base"),
+                "--out",
+                str(run_dir),
+                "--no-recipe",
+                "--data",
+                str(data),
+                "--max-rows",
+                str(args.max_rows),
+                "--save-every",
+                "0",
+                *args.stage_args,
+            ]
+        )
         steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        timed = [s for s in steps[args.skip_steps:] if s.get("tok_per_sec")]
+        timed = [s for s in steps[args.skip_steps :] if s.get("tok_per_sec")]
         if not timed:
             raise SystemExit(f"{len(steps)} logged steps: too few to time after --skip-steps {args.skip_steps}")
         report(dict(
@@ -105,8 +121,18 @@ def main():
                           "--device-batch-size", str(rows), "--total-batch-size", str(rows * args.max_seq_len * 8),
                           "--steps", "4", "--warmup", "2", "--loss-chunk-size", "8192"])  # fmt: skip
             step = json.loads(stdout.strip().splitlines()[-1])
-            report(dict(loop="pretraining step", depth=args.depth, max_seq_len=args.max_seq_len, vocab=vocab,
-                        device_batch=rows, tok_per_sec=step["tok_per_sec"], mfu_pct=step["mfu_pct"]), args.jsonl)
+            report(
+                dict(
+                    loop="pretraining step",
+                    depth=args.depth,
+                    max_seq_len=args.max_seq_len,
+                    vocab=vocab,
+                    device_batch=rows,
+                    tok_per_sec=step["tok_per_sec"],
+                    mfu_pct=step["mfu_pct"],
+                ),
+                args.jsonl,
+            )
 
 
 def report(result: dict, jsonl: str | None):

@@ -35,8 +35,8 @@ import math
 import os
 import queue
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import datasets
 import numpy as np
@@ -64,8 +64,11 @@ def _local_files(source: str) -> list[str] | None:
         entries = sorted(glob.glob(path, recursive=True))
     elif os.path.isdir(path):
         root = Path(path)
-        entries = sorted(str(p) for p in root.rglob("*")
-                         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        entries = sorted(
+            str(p)
+            for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
     elif os.path.isfile(path):
         entries = [path]
     elif Path(path).suffix in LOCAL_KINDS or path.startswith(("/", ".", "~")):
@@ -74,8 +77,10 @@ def _local_files(source: str) -> list[str] | None:
         return None
     files = [os.path.abspath(f) for f in entries if os.path.isfile(f) and Path(f).suffix in LOCAL_KINDS]
     if not files:
-        raise ValueError(f"{source!r} holds no readable text files: none of its {len(entries)} entries ends in "
-                         f"{', '.join(LOCAL_KINDS)}")
+        raise ValueError(
+            f"{source!r} holds no readable text files: none of its {len(entries)} entries ends in "
+            f"{', '.join(LOCAL_KINDS)}"
+        )
     suffixes = sorted({Path(f).suffix for f in files})
     if len({LOCAL_KINDS[s] for s in suffixes}) > 1:
         raise ValueError(f"{source!r} mixes {', '.join(suffixes)} files; point the data path at one kind")
@@ -97,7 +102,7 @@ def _paragraphs(files: list[str]) -> Iterator[dict]:
                 yield {"text": "".join(lines).rstrip("\n")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hub_dataset(repo_id: str, name: str | None) -> datasets.IterableDatasetDict:
     """The streamed splits of a Hub dataset; cached, since every evaluation opens fresh validation streams."""
     try:
@@ -110,13 +115,16 @@ def _hub_dataset(repo_id: str, name: str | None) -> datasets.IterableDatasetDict
     except HfHubHTTPError:
         raise
     except Exception as e:  # no HTTP answer at all: DNS failure, refused connection, timeout, HF_HUB_OFFLINE=1
-        raise ValueError(f"could not reach the Hugging Face Hub for dataset {repo_id!r} ({type(e).__name__}: {e}). "
-                         "This machine seems offline: pass --data PATH with local .txt/.jsonl/.parquet files.") from e
+        raise ValueError(
+            f"could not reach the Hugging Face Hub for dataset {repo_id!r} ({type(e).__name__}: {e}). "
+            "This machine seems offline: pass --data PATH with local .txt/.jsonl/.parquet files."
+        ) from e
     return datasets.load_dataset(repo_id, name, streaming=True)
 
 
-def _split_streamed(splits: datasets.IterableDatasetDict, label: str, split: str, rank: int,
-                    world_size: int) -> tuple[datasets.IterableDataset, bool]:
+def _split_streamed(
+    splits: datasets.IterableDatasetDict, label: str, split: str, rank: int, world_size: int
+) -> tuple[datasets.IterableDataset, bool]:
     """
     Rank `rank`'s part of `split` of streamed data, and whether the caller must still keep only its rows rank,
     rank+W, ... of it (true for the held-out validation block alone).
@@ -153,8 +161,16 @@ class DocumentStream:
     `load_dataset(..., streaming=True)` returns; the last two are split and sharded the same way (see the module notes).
     """
 
-    def __init__(self, source: str | datasets.IterableDatasetDict | datasets.IterableDataset, *, split: str = "train",
-                 text_column: str = "text", name: str | None = None, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        source: str | datasets.IterableDatasetDict | datasets.IterableDataset,
+        *,
+        split: str = "train",
+        text_column: str = "text",
+        name: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
@@ -164,8 +180,9 @@ class DocumentStream:
         self.infinite = split == "train"
         streamed = isinstance(source, (datasets.IterableDatasetDict, datasets.IterableDataset))
         if not (streamed or isinstance(source, (str, os.PathLike))):
-            raise ValueError(f"source must be a path, a Hub dataset id or a streamed dataset, got "
-                             f"{type(source).__name__}")
+            raise ValueError(
+                f"source must be a path, a Hub dataset id or a streamed dataset, got {type(source).__name__}"
+            )
         self.source = f"streamed {type(source).__name__}" if streamed else str(source)
         files = None if streamed else _local_files(self.source)
         check_key = None
@@ -180,8 +197,11 @@ class DocumentStream:
             label = f"Hub dataset {self.source!r}" if check_key else self.source
             self._dataset, self._strided = _split_streamed(source, label, split, rank, world_size)
             self._holdout = False
-            self._holdout_rule = "" if "validation" in source else (
-                f" (without a validation split, the first {HUB_VAL_DOCS} rows are validation)")
+            self._holdout_rule = (
+                ""
+                if "validation" in source
+                else (f" (without a validation split, the first {HUB_VAL_DOCS} rows are validation)")
+            )
         else:
             if name is not None:
                 raise ValueError(f"name={name!r} picks a Hub dataset config; local data {self.source!r} has none")
@@ -190,8 +210,9 @@ class DocumentStream:
                 if text_column != "text":
                     raise ValueError(f"text_column={text_column!r}, but .txt files have no columns")
                 features = datasets.Features({"text": datasets.Value("string")})
-                self._dataset = datasets.IterableDataset.from_generator(_paragraphs, gen_kwargs={"files": files},
-                                                                         features=features)
+                self._dataset = datasets.IterableDataset.from_generator(
+                    _paragraphs, gen_kwargs={"files": files}, features=features
+                )
             else:
                 self._dataset = datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
             self._holdout, self._strided = True, True
@@ -235,8 +256,9 @@ class DocumentStream:
             n_rows += 1
             text = row[self.text_column]
             if text is not None and not isinstance(text, str):
-                raise ValueError(f"column {self.text_column!r} of {self.source!r} holds {type(text).__name__}, "
-                                 "not text")
+                raise ValueError(
+                    f"column {self.text_column!r} of {self.source!r} holds {type(text).__name__}, not text"
+                )
             if self._split_index(i) is None or not (text and text.strip()):
                 continue
             n_docs += 1
@@ -248,10 +270,14 @@ class DocumentStream:
             rule = "" if self._holdout else self._holdout_rule  # a streamed split may have been skipped to its end
             raise ValueError(f"the {self.split!r} split of {self.source!r} has no rows{share}{rule}")
         if n_docs == 0:
-            raise ValueError(f"the {self.split!r} split of {self.source!r} has no non-empty documents in column "
-                             f"{self.text_column!r}{share}: {n_rows} rows read{self._holdout_rule}")
-        raise ValueError(f"rank {self.rank} of {self.world_size} gets none of the {n_docs} documents of the "
-                         f"{self.split!r} split of {self.source!r}; use more data or fewer processes")
+            raise ValueError(
+                f"the {self.split!r} split of {self.source!r} has no non-empty documents in column "
+                f"{self.text_column!r}{share}: {n_rows} rows read{self._holdout_rule}"
+            )
+        raise ValueError(
+            f"rank {self.rank} of {self.world_size} gets none of the {n_docs} documents of the "
+            f"{self.split!r} split of {self.source!r}; use more data or fewer processes"
+        )
 
     def __iter__(self) -> Iterator[str]:
         while True:
@@ -273,21 +299,30 @@ class DocumentStream:
     def load_state_dict(self, state: dict):
         saved = (state["split"], state["rank"], state["world_size"])
         if saved != (self.split, self.rank, self.world_size):
-            raise ValueError(f"data state of split {saved[0]!r}, rank {saved[1]} of {saved[2]} cannot resume split "
-                             f"{self.split!r}, rank {self.rank} of {self.world_size}: resume with as many processes")
+            raise ValueError(
+                f"data state of split {saved[0]!r}, rank {saved[1]} of {saved[2]} cannot resume split "
+                f"{self.split!r}, rank {self.rank} of {self.world_size}: resume with as many processes"
+            )
         self._state = {"epoch": state["epoch"], "row": state["row"], "dataset": state["dataset"]}
 
 
-def iter_documents(source: str, *, split: str = "train", text_column: str = "text", name: str | None = None,
-                   rank: int = 0, world_size: int = 1) -> DocumentStream:
+def iter_documents(
+    source: str,
+    *,
+    split: str = "train",
+    text_column: str = "text",
+    name: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DocumentStream:
     """The documents of `split` that rank `rank` of `world_size` trains or evaluates on; see DocumentStream."""
     return DocumentStream(source, split=split, text_column=text_column, name=name, rank=rank, world_size=world_size)
 
 
-def _tokenize_documents(documents: DocumentStream, tokenizer, batch_size: int, out: queue.Queue,
-                        stop: threading.Event):
+def _tokenize_documents(documents: DocumentStream, tokenizer, batch_size: int, out: queue.Queue, stop: threading.Event):
     """Background thread: put (BOS-prefixed token arrays, stream state after them) per batch, then None at the end.
     It holds no reference to the loader, so a dropped loader is collected and its __del__ stops this thread."""
+
     def put(item):
         while not stop.is_set():
             try:
@@ -328,12 +363,25 @@ class BOSBestFitLoader:
     first of the shortest).
     """
 
-    def __init__(self, tokenizer, documents: DocumentStream, batch_size: int, seq_len: int, *,
-                 device: str | torch.device = "cpu", buffer_size: int = 1000, tokenizer_batch_size: int = 128):
+    def __init__(
+        self,
+        tokenizer,
+        documents: DocumentStream,
+        batch_size: int,
+        seq_len: int,
+        *,
+        device: str | torch.device = "cpu",
+        buffer_size: int = 1000,
+        tokenizer_batch_size: int = 128,
+    ):
         if tokenizer.bos_token_id is None:
             raise ValueError("the tokenizer has no bos_token_id: every document must start with BOS")
-        for arg, value in (("batch_size", batch_size), ("seq_len", seq_len), ("buffer_size", buffer_size),
-                           ("tokenizer_batch_size", tokenizer_batch_size)):
+        for arg, value in (
+            ("batch_size", batch_size),
+            ("seq_len", seq_len),
+            ("buffer_size", buffer_size),
+            ("tokenizer_batch_size", tokenizer_batch_size),
+        ):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{arg} must be a positive integer, got {value!r}")
         self.tokenizer, self.documents = tokenizer, documents
@@ -356,9 +404,12 @@ class BOSBestFitLoader:
         while not self._exhausted and len(self._docs) < self.buffer_size:
             if self._worker is None:
                 self._queue, self._stop = queue.Queue(maxsize=8), threading.Event()
-                self._worker = threading.Thread(target=_tokenize_documents, daemon=True, name="hfnanochat-tokenize",
-                                                args=(self.documents, self.tokenizer, self.tokenizer_batch_size,
-                                                      self._queue, self._stop))
+                self._worker = threading.Thread(
+                    target=_tokenize_documents,
+                    daemon=True,
+                    name="hfnanochat-tokenize",
+                    args=(self.documents, self.tokenizer, self.tokenizer_batch_size, self._queue, self._stop),
+                )
                 self._worker.start()
             item = self._queue.get()
             if item is None:
@@ -388,7 +439,7 @@ class BOSBestFitLoader:
             i = bisect.bisect_right(self._lengths, remaining) - 1
             if i >= 0:  # the largest document that fits whole (the oldest of that length)
                 doc = self._pop(bisect.bisect_left(self._lengths, self._lengths[i]))
-                row[pos:pos + len(doc)] = doc
+                row[pos : pos + len(doc)] = doc
                 pos += len(doc)
             else:  # none fits: crop the shortest (the oldest of that length) to fill the row, drop its tail
                 row[pos:] = self._pop(0)[:remaining]

@@ -233,6 +233,7 @@ class Engine:
 
     def _validate(self, prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed):
         """Check every argument; return the prompts as a list of lists, and whether one prompt (not a batch) came."""
+
         def is_int(x):
             return isinstance(x, int) and not isinstance(x, bool)
 

@@ -292,6 +292,7 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
         (RL) is never stale. Training and gradients always see the real weights. Blocks whose projections are not
         plain `nn.Linear` (PEFT adapters, quantised layers) keep their own modules' forward.
         """
+
         def plain(*modules):
             return all(type(m) is nn.Linear for m in modules)
 
@@ -303,7 +304,9 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
                 weights = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
                 stack = m.qkv_weight
                 if stack is not None and (stack.shape[0], stack.dtype, stack.device) == (
-                    sum(m.qkv_sizes), weights[0].dtype, weights[0].device
+                    sum(m.qkv_sizes),
+                    weights[0].dtype,
+                    weights[0].device,
                 ):
                     torch.cat(weights, out=stack)
                 else:

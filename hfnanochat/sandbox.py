@@ -171,7 +171,7 @@ _CHILD_ENV = {"PATH": "/usr/bin:/bin"}  # nothing of the caller's environment (t
 
 # Runs in the child before the untrusted code. argv: memory_mb, cpu_seconds, the write end of the summary pipe
 # (which gets the exception's one-line summary). The code arrives on stdin.
-_BOOTSTRAP = r'''
+_BOOTSTRAP = r"""
 import builtins, io, linecache, os, shutil, sys, traceback
 code = sys.stdin.buffer.read().decode("utf-8", "surrogatepass")
 devnull = os.open(os.devnull, os.O_RDONLY)
@@ -288,7 +288,7 @@ except BaseException as exc:
     exit_now(3 if isinstance(exc, MemoryError) else 1)  # 3: _MEMORY_ERROR_EXIT
 flush_standard_streams()
 exit_now(0)  # skip atexit handlers the code may have registered
-'''
+"""
 
 
 class _Capture:

@@ -50,8 +50,9 @@ class NanochatSchedule(LambdaLR):
 
     def __init__(self, optimizer, num_steps: int, warmdown_ratio: float, momentum_warmup_steps: int):
         self.momentum_warmup_steps = momentum_warmup_steps  # LambdaLR's constructor already calls step()
-        super().__init__(optimizer, functools.partial(lr_multiplier, num_iterations=num_steps,
-                                                      warmdown_ratio=warmdown_ratio))
+        super().__init__(
+            optimizer, functools.partial(lr_multiplier, num_iterations=num_steps, warmdown_ratio=warmdown_ratio)
+        )
 
     def step(self, epoch=None):
         super().step(epoch)
@@ -74,8 +75,9 @@ class NanochatSFTTrainer(SFTTrainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = NanochatSchedule(optimizer or self.optimizer, num_training_steps, self.warmdown_ratio,
-                                                 self.momentum_warmup_steps)
+            self.lr_scheduler = NanochatSchedule(
+                optimizer or self.optimizer, num_training_steps, self.warmdown_ratio, self.momentum_warmup_steps
+            )
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -83,8 +85,9 @@ class NanochatSFTTrainer(SFTTrainer):
         """Resume with this run's rates: the checkpoint's optimizer groups and scheduler `base_lrs` hold the old run's,
         and loading them would silently undo a lower `--matrix-lr` / `--lr` given to get past a divergence. Moments,
         step count and data position still come from the checkpoint."""
-        fresh = [{k: g[k] for k in ("initial_lr", "initial_weight_decay") if k in g}
-                 for g in self.optimizer.param_groups]
+        fresh = [
+            {k: g[k] for k in ("initial_lr", "initial_weight_decay") if k in g} for g in self.optimizer.param_groups
+        ]
         super()._load_optimizer_and_scheduler(checkpoint)
         schedule, step = self.lr_scheduler, self.lr_scheduler.last_epoch
         for group, rates, multiplier in zip(self.optimizer.param_groups, fresh, schedule.lr_lambdas, strict=True):
@@ -130,10 +133,17 @@ class MetricsCallback(TrainerCallback):
         now = time.time()
         dt = now - self.t0
         tokens = logs.get("num_tokens")
-        record = dict(step=state.global_step, loss=logs["loss"], lrm=self.lrm,
-                      lr=logs["learning_rate"], mean_token_accuracy=logs.get("mean_token_accuracy"), num_tokens=tokens,
-                      dt=dt, tok_per_sec=(tokens - self.tokens0) / dt if None not in (tokens, self.tokens0) else None,
-                      epoch=logs.get("epoch"))
+        record = dict(
+            step=state.global_step,
+            loss=logs["loss"],
+            lrm=self.lrm,
+            lr=logs["learning_rate"],
+            mean_token_accuracy=logs.get("mean_token_accuracy"),
+            num_tokens=tokens,
+            dt=dt,
+            tok_per_sec=(tokens - self.tokens0) / dt if None not in (tokens, self.tokens0) else None,
+            epoch=logs.get("epoch"),
+        )
         if self.flops_per_token and record["tok_per_sec"]:
             record["mfu"] = 100 * self.flops_per_token * record["tok_per_sec"] / self.peak
         self.t0, self.tokens0 = now, tokens
@@ -151,32 +161,66 @@ def add_common_arguments(p: argparse.ArgumentParser, adamw_lr: float) -> None:
     p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, final/ (the HF folder)")
     p.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the model's context)")
     # data
-    p.add_argument("--data", nargs="+", default=None,
-                   help="your own JSONL file(s) of conversations, used instead of the public datasets")
-    p.add_argument("--recipe", action=argparse.BooleanOptionalAction, default=True,
-                   help="the stage's public datasets (--no-recipe: only --data / --identity / --spelling)")
-    p.add_argument("--source", action="append", default=[], metavar="TASK=PATH",
-                   help=f"local copy (file or folder) of a public dataset, TASK in {', '.join(SOURCES)}")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="your own JSONL file(s) of conversations, used instead of the public datasets",
+    )
+    p.add_argument(
+        "--recipe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the stage's public datasets (--no-recipe: only --data / --identity / --spelling)",
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="TASK=PATH",
+        help=f"local copy (file or folder) of a public dataset, TASK in {', '.join(SOURCES)}",
+    )
     p.add_argument("--identity", action="store_true", help="add identity conversations (who the model is)")
-    p.add_argument("--identity-name", default=None,
-                   help="the name the generated identity conversations give the model (default nanochat)")
+    p.add_argument(
+        "--identity-name",
+        default=None,
+        help="the name the generated identity conversations give the model (default nanochat)",
+    )
     p.add_argument("--identity-file", default=None, help="JSONL of identity conversations instead of the generated")
     p.add_argument("--spelling", action="store_true", help="add nanochat's SimpleSpelling + SpellingBee tasks")
-    p.add_argument("--max-rows", type=int, default=None,
-                   help="train on at most this many conversations, each part of the mixture cut to its share of them "
-                   "(quick runs)")
-    p.add_argument("--num-proc", type=int, default=max(1, min(16, (os.cpu_count() or 2) // 2)),
-                   help="processes for dataset preparation (568K conversations take minutes on one)")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=None,
+        help="train on at most this many conversations, each part of the mixture cut to its share of them (quick runs)",
+    )
+    p.add_argument(
+        "--num-proc",
+        type=int,
+        default=max(1, min(16, (os.cpu_count() or 2) // 2)),
+        help="processes for dataset preparation (568K conversations take minutes on one)",
+    )
     # optimizer
-    p.add_argument("--optimizer", choices=["muon", "adamw"], default=None,
-                   help="muon: Muon + AdamW at nanochat's rates (the default); adamw: one AdamW at --lr "
-                   "(the default with --lora)")
+    p.add_argument(
+        "--optimizer",
+        choices=["muon", "adamw"],
+        default=None,
+        help="muon: Muon + AdamW at nanochat's rates (the default); adamw: one AdamW at --lr (the default with --lora)",
+    )
     # None = not given: the Muon rates default to build_optimizer's, and a rate the optimizer would ignore raises
     p.add_argument("--matrix-lr", type=float, default=None, help="--optimizer muon: Muon's rate (default 0.02)")
-    p.add_argument("--embedding-lr", type=float, default=None,
-                   help="--optimizer muon: AdamW rate of the embeddings, scaled by (d/768)^-0.5 (default 0.2)")
-    p.add_argument("--unembedding-lr", type=float, default=None,
-                   help="--optimizer muon: AdamW rate of lm_head, scaled by (d/768)^-0.5 (default 0.004)")
+    p.add_argument(
+        "--embedding-lr",
+        type=float,
+        default=None,
+        help="--optimizer muon: AdamW rate of the embeddings, scaled by (d/768)^-0.5 (default 0.2)",
+    )
+    p.add_argument(
+        "--unembedding-lr",
+        type=float,
+        default=None,
+        help="--optimizer muon: AdamW rate of lm_head, scaled by (d/768)^-0.5 (default 0.004)",
+    )
     p.add_argument("--lr", type=float, default=None, help=f"--optimizer adamw rate (default {adamw_lr:g}; LoRA 10x)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT) instead of all weights")
     p.add_argument("--lora-rank", type=int, default=None, help="--lora: adapter rank (default 16)")
@@ -228,8 +272,9 @@ def extra_parts(args, identity_copies: int, spelling_sizes: tuple[int, int]) -> 
     """(name, size, load) of the user's files, identity conversations and the spelling tasks, as the flags ask, for
     `load_parts`. Files are read (and checked strictly) now: their length sets their share of the mixture."""
     if args.identity_name is not None and (args.identity_file or not args.identity):
-        raise ValueError("--identity-name names the generated identity conversations: it needs --identity and no "
-                         "--identity-file")
+        raise ValueError(
+            "--identity-name names the generated identity conversations: it needs --identity and no --identity-file"
+        )
     parts = []
     for path in args.data or []:
         rows = tasks.jsonl_conversations(path)
@@ -243,8 +288,10 @@ def extra_parts(args, identity_copies: int, spelling_sizes: tuple[int, int]) -> 
         parts += [("identity", 1000, lambda stop: tasks.identity(name, size=stop or 1000))] * identity_copies
     if args.spelling:
         simple, bee = spelling_sizes
-        parts += [("SimpleSpelling", simple, lambda stop: tasks.simple_spelling(stop or simple)),
-                  ("SpellingBee", bee, lambda stop: tasks.spelling_bee(stop or bee))]
+        parts += [
+            ("SimpleSpelling", simple, lambda stop: tasks.simple_spelling(stop or simple)),
+            ("SpellingBee", bee, lambda stop: tasks.spelling_bee(stop or bee)),
+        ]
     return parts
 
 
@@ -268,23 +315,28 @@ def optimizer_options(args, lr_scale: float) -> tuple[dict, dict]:
     optimizer = args.optimizer or ("adamw" if args.lora else "muon")
     if args.lora and optimizer == "muon":
         raise ValueError("--lora trains adapters with AdamW; Muon would orthogonalise each low-rank factor on its own")
-    muon_rates = {k: getattr(args, k) for k in ("matrix_lr", "embedding_lr", "unembedding_lr")
-                  if getattr(args, k) is not None}
+    muon_rates = {
+        k: getattr(args, k) for k in ("matrix_lr", "embedding_lr", "unembedding_lr") if getattr(args, k) is not None
+    }
     if optimizer == "muon" and args.lr is not None:
-        raise ValueError("--lr is the --optimizer adamw rate; Muon takes --matrix-lr, --embedding-lr and "
-                         "--unembedding-lr")
+        raise ValueError(
+            "--lr is the --optimizer adamw rate; Muon takes --matrix-lr, --embedding-lr and --unembedding-lr"
+        )
     if optimizer == "adamw" and muon_rates:
         flags = ", ".join("--" + k.replace("_", "-") for k in muon_rates)
-        raise ValueError(f"{flags}: Muon rates, unused by AdamW ({'--lora' if args.lora else '--optimizer adamw'}); "
-                         "set its one rate with --lr")
+        raise ValueError(
+            f"{flags}: Muon rates, unused by AdamW ({'--lora' if args.lora else '--optimizer adamw'}); "
+            "set its one rate with --lr"
+        )
     if not args.lora and (args.lora_rank is not None or args.lora_alpha is not None):
         raise ValueError("--lora-rank and --lora-alpha shape LoRA adapters: they need --lora")
     trainer_kwargs = {}
     if args.lora:
         rank = 16 if args.lora_rank is None else args.lora_rank
         alpha = 32 if args.lora_alpha is None else args.lora_alpha
-        trainer_kwargs["peft_config"] = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                                   target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        trainer_kwargs["peft_config"] = LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
+        )
     if optimizer == "muon":
         # rates not given keep build_optimizer's defaults, nanochat's
         trainer_kwargs["optimizer_cls_and_kwargs"] = (MuonAdamWFactory, dict(**muon_rates, lr_scale=lr_scale))
@@ -292,8 +344,7 @@ def optimizer_options(args, lr_scale: float) -> tuple[dict, dict]:
     # LoRA adapters start at zero and are small: they take ~10x the full fine-tuning rate (PEFT's usual advice)
     lr = args.lr if args.lr is not None else args.adamw_lr * (10 if args.lora else 1)
     # nanochat's AdamW settings (betas 0.8/0.95, eps 1e-10, no decay) at one rate for every trainable weight
-    return trainer_kwargs, dict(learning_rate=lr, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-10,
-                                weight_decay=0.0)
+    return trainer_kwargs, dict(learning_rate=lr, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-10, weight_decay=0.0)
 
 
 def run_options(args, out: Path) -> dict:
@@ -348,9 +399,11 @@ def train_and_save(trainer: SFTTrainer, metrics: "MetricsCallback", resume, out:
     trainer.train(resume_from_checkpoint=resume)
     accelerator = trainer.accelerator
     if metrics.failed:
-        accelerator.print(f"{metrics.failed}; stopping. Resume from the last checkpoint in {out / 'checkpoints'} "
-                          "with lower rates (--matrix-lr, --embedding-lr, --unembedding-lr; --lr for AdamW): the "
-                          "resumed run trains at the rates it is given.")
+        accelerator.print(
+            f"{metrics.failed}; stopping. Resume from the last checkpoint in {out / 'checkpoints'} "
+            "with lower rates (--matrix-lr, --embedding-lr, --unembedding-lr; --lr for AdamW): the "
+            "resumed run trains at the rates it is given."
+        )
         sys.exit(1)
     if accelerator.is_main_process:
         print(f"saved {save_final(trainer, trainer.processing_class, out / 'final')}")

@@ -24,7 +24,9 @@ def rotary(x, base, positions):
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
 
 
-def nanochat_forward(sd, cfg, idx, *, rope_base=10000.0, window_pattern="L", qk_scale=1.0, softcap=15.0, short_window=None):
+def nanochat_forward(
+    sd, cfg, idx, *, rope_base=10000.0, window_pattern="L", qk_scale=1.0, softcap=15.0, short_window=None
+):
     """Logits (B, T, vocab) in fp32. `cfg` has nanochat's model_config keys."""
     B, T = idx.shape
     L, H, Hkv, d, V = cfg["n_layer"], cfg["n_head"], cfg["n_kv_head"], cfg["n_embd"], cfg["vocab_size"]
@@ -80,7 +82,10 @@ def random_nanochat_state_dict(cfg, *, head_2026=False, padded_vocab=None, seed=
     L, H, Hkv, d, V = cfg["n_layer"], cfg["n_head"], cfg["n_kv_head"], cfg["n_embd"], cfg["vocab_size"]
     hd = d // H
     Vp = padded_vocab or V
-    r = lambda *shape, s=0.3: torch.randn(*shape, generator=g) * s
+
+    def r(*shape, s=0.3):
+        return torch.randn(*shape, generator=g) * s
+
     sd = {"transformer.wte.weight": r(Vp, d, s=1.0), "lm_head.weight": r(Vp, d, s=0.1)}
     for i in range(L):
         p = f"transformer.h.{i}."

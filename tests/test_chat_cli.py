@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from test_engine import encode, scripted_model, syllable_text, tool_script
 from transformers import AutoTokenizer
 
 from hfnanochat import HFNanoChatForCausalLM
 from hfnanochat.chat import Chat, StreamPrinter, parse_args
 from hfnanochat.engine import Engine
 from hfnanochat.tokenizer import get_special_token_ids, save_tokenizer, train_tokenizer
-
-from test_engine import encode, scripted_model, syllable_text, tool_script
 
 REPO = Path(__file__).resolve().parents[1]
 REPLY = "[python] 12*7 -> 84\n done\n"  # what the scripted model answers to any message

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 import torch
+from nanochat_reference import nanochat_forward, random_nanochat_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfnanochat
-from hfnanochat.convert import hf_to_native, main as convert_main, nanochat_to_hf, set_generation_defaults
+from hfnanochat.convert import hf_to_native, nanochat_to_hf, set_generation_defaults
+from hfnanochat.convert import main as convert_main
 from hfnanochat.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
-
-from nanochat_reference import nanochat_forward, random_nanochat_state_dict
 
 WORDS = (
     "the model learns to predict the next token from text gathered on the web and in books while numbers like 12 "
@@ -50,9 +50,16 @@ def random_weights_(model, seed=0):
 
 def tiny_folder(tmp_path, tokenizer, **options):
     config = hfnanochat.HFNanoChatConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **options,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **options,
     )
     model = random_weights_(hfnanochat.HFNanoChatForCausalLM(config)).eval()
     folder = tmp_path / "ours"
@@ -81,7 +88,8 @@ ref = torch.load({str(tmp_path / "expected.pt")!r})
 diff = (m(input_ids=ref["ids"]).logits - ref["logits"]).abs().max().item()
 assert diff <= 1e-5, diff
 tok = AutoTokenizer.from_pretrained({str(native)!r})
-prompt = tok.apply_chat_template([{{"role": "user", "content": "hi"}}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+messages = [{{"role": "user", "content": "hi"}}]
+prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 out = m.generate(**prompt, max_new_tokens=5, do_sample=False)
 print("OK", diff)
 """,
@@ -163,13 +171,19 @@ def test_nanochat_checkpoint_import_gives_equal_logits(tmp_path, tokenizer, revi
     x = torch.tensor([ids])
     ours = model(input_ids=x, use_cache=False).logits
     ref = nanochat_forward(
-        {k: v for k, v in state.items()}, cfg, x,
-        rope_base=100000.0 if head else 10000.0, window_pattern="SSL" if head else "L",
+        {k: v for k, v in state.items()},
+        cfg,
+        x,
+        rope_base=100000.0 if head else 10000.0,
+        window_pattern="SSL" if head else "L",
         qk_scale=1.2 if head else 1.0,
     )
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     gen = json.loads((out / "generation_config.json").read_text())
-    assert set(gen["eos_token_id"]) == {enc.encode_single_token("<|assistant_end|>"), enc.encode_single_token("<|bos|>")}
+    assert set(gen["eos_token_id"]) == {
+        enc.encode_single_token("<|assistant_end|>"),
+        enc.encode_single_token("<|bos|>"),
+    }
 
 
 def test_nanochat_import_rejects_missing_keys(tmp_path):

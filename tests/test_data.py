@@ -6,9 +6,9 @@ import random
 from itertools import islice
 from types import SimpleNamespace
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
-import datasets
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -17,8 +17,10 @@ from transformers import PreTrainedTokenizerFast
 import hfnanochat.data
 from hfnanochat.data import VAL_EVERY, BOSBestFitLoader, DocumentStream, evaluate_bpb, iter_documents
 
-WORDS = ("the king queen speak hear me now my lord good night sweet prince what is this a dagger I see before "
-         "to be or not that question all world stage men women players exit entrance").split()
+WORDS = (
+    "the king queen speak hear me now my lord good night sweet prince what is this a dagger I see before "
+    "to be or not that question all world stage men women players exit entrance"
+).split()
 
 
 def make_texts(n, seed=0, max_words=40):
@@ -44,8 +46,9 @@ def bpe_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|bos|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|bos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(make_texts(200, seed=1), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>")
 
@@ -66,6 +69,7 @@ def rows_of(inputs, targets):
 # ----------------------------------------------------------------------------------------------------------------------
 # best-fit packing
 
+
 def test_best_fit_hand_example(tmp_path):
     # lengths with BOS: a5 b3 c7 d2 e4 f12 g9 h4; rows hold T+1 = 9 tokens
     lengths = dict(a=5, b=3, c=7, d=2, e=4, f=12, g=9, h=4)
@@ -73,9 +77,11 @@ def test_best_fit_hand_example(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ["held out"] + docs)  # row 0 is validation
     tok = word_tokenizer(list(lengths))
     # one tokenizer batch holds all 8 documents, and buffer_size=1 refills only once the buffer is empty
-    loader = BOSBestFitLoader(tok, iter_documents(path), batch_size=2, seq_len=8, buffer_size=1,
-                              tokenizer_batch_size=8)
-    show = lambda row: "".join("^" if t == tok.bos_token_id else tok.convert_ids_to_tokens(t) for t in row.tolist())
+    loader = BOSBestFitLoader(tok, iter_documents(path), batch_size=2, seq_len=8, buffer_size=1, tokenizer_batch_size=8)
+
+    def show(row):
+        return "".join("^" if t == tok.bos_token_id else tok.convert_ids_to_tokens(t) for t in row.tolist())
+
     got = [show(row) for _ in range(3) for row in rows_of(*next(loader))]
     assert got == [
         "^gggggggg",  # the largest that fits: g9 fills the row
@@ -113,8 +119,14 @@ def naive_best_fit(docs, n_rows, capacity, buffer_size, batch):
 def test_best_fit_matches_nanochat_algorithm(tmp_path):
     texts = make_texts(250, seed=2, max_words=30)  # lengths 3..32 with BOS: many ties, some longer than a row
     tok = word_tokenizer([str(i) for i in range(250)] + list(WORDS))
-    loader = BOSBestFitLoader(tok, iter_documents(write_jsonl(tmp_path / "d.jsonl", texts)), batch_size=3,
-                              seq_len=20, buffer_size=16, tokenizer_batch_size=5)
+    loader = BOSBestFitLoader(
+        tok,
+        iter_documents(write_jsonl(tmp_path / "d.jsonl", texts)),
+        batch_size=3,
+        seq_len=20,
+        buffer_size=16,
+        tokenizer_batch_size=5,
+    )
     got = [row for _ in range(100) for row in rows_of(*next(loader)).tolist()]
     train, _ = train_and_val(texts)
     epochs = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in train] * 3
@@ -126,8 +138,14 @@ def test_rows_are_bos_aligned(tmp_path, bpe_tokenizer):
     texts = make_texts(300, seed=3, max_words=60)
     tok = bpe_tokenizer
     bos = tok.bos_token_id
-    loader = BOSBestFitLoader(tok, iter_documents(write_jsonl(tmp_path / "d.jsonl", texts)), batch_size=4,
-                              seq_len=64, buffer_size=50, tokenizer_batch_size=16)
+    loader = BOSBestFitLoader(
+        tok,
+        iter_documents(write_jsonl(tmp_path / "d.jsonl", texts)),
+        batch_size=4,
+        seq_len=64,
+        buffer_size=50,
+        tokenizer_batch_size=16,
+    )
     docs = {tuple([bos] + ids) for ids in tok(train_and_val(texts)[0], add_special_tokens=False)["input_ids"]}
     for _ in range(20):
         inputs, targets = next(loader)
@@ -139,11 +157,12 @@ def test_rows_are_bos_aligned(tmp_path, bpe_tokenizer):
             pieces = [tuple(row[a:b]) for a, b in zip(starts, starts[1:])]
             # every piece between BOS tokens is a whole document, except a cropped last one (a document's prefix)
             assert all(piece in docs for piece in pieces[:-1])
-            assert pieces[-1] in docs or any(doc[:len(pieces[-1])] == pieces[-1] for doc in docs)
+            assert pieces[-1] in docs or any(doc[: len(pieces[-1])] == pieces[-1] for doc in docs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # sources, splits, sharding
+
 
 def test_rank_sharding_covers_all_documents_once(tmp_path):
     texts = make_texts(250)
@@ -165,12 +184,13 @@ def write_source(tmp_path, kind, texts):
     if kind == "jsonl":
         return write_jsonl(tmp_path / "a.jsonl", texts, id=list(range(len(texts)))), texts
     if kind == "parquet":
-        pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "a.parquet",
-                       row_group_size=64)
+        pq.write_table(
+            pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "a.parquet", row_group_size=64
+        )
         return str(tmp_path / "a.parquet"), texts
     # a directory of two jsonl files, read in sorted order; hidden files and other suffixes are skipped
-    write_jsonl(tmp_path / "part1.jsonl", texts[len(texts) // 2:])
-    write_jsonl(tmp_path / "part0.jsonl", texts[:len(texts) // 2])
+    write_jsonl(tmp_path / "part1.jsonl", texts[len(texts) // 2 :])
+    write_jsonl(tmp_path / "part0.jsonl", texts[: len(texts) // 2])
     (tmp_path / "notes.md").write_text("not data")
     write_jsonl(tmp_path / ".hidden.jsonl", ["hidden"])
     return str(tmp_path if kind == "dir" else tmp_path / "part*.jsonl"), texts
@@ -218,6 +238,7 @@ def test_bad_sources_raise(tmp_path, monkeypatch):
         iter_documents(str(tmp_path / "mixed"))
     # a Hub id while offline (forced, so the test means the same on a machine with internet)
     import huggingface_hub.constants
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="seems offline: pass --data PATH"):
         iter_documents("HuggingFaceFW/fineweb-edu", name="sample-10BT")
@@ -313,10 +334,12 @@ def test_streamed_own_validation_split(tmp_path, monkeypatch):
             pq.write_table(pa.table({"body": [f"{split} {f} {i}" for i in range(n)]}), path)
     splits = datasets.load_dataset("parquet", data_files=paths, streaming=True)
     # no hold-out: all training rows train, and each rank reads one file of each split
-    assert read_epoch(DocumentStream(splits, text_column="body", rank=1, world_size=2), 30) == \
-        [f"train 1 {i}" for i in range(30)]
-    assert list(DocumentStream(splits, split="val", text_column="body", rank=1, world_size=2)) == \
-        [f"validation 1 {i}" for i in range(6)]
+    assert read_epoch(DocumentStream(splits, text_column="body", rank=1, world_size=2), 30) == [
+        f"train 1 {i}" for i in range(30)
+    ]
+    assert list(DocumentStream(splits, split="val", text_column="body", rank=1, world_size=2)) == [
+        f"validation 1 {i}" for i in range(6)
+    ]
     # a lone streamed dataset is a "train" split, so its first 50,000 rows are held out
     with pytest.raises(ValueError, match="'train' split of .* has no rows .*first 50000 rows are validation"):
         DocumentStream(splits["validation"], text_column="body")
@@ -334,13 +357,15 @@ def test_streamed_own_validation_split(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------------
 # exact resume
 
+
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt"])
 def test_exact_resume(tmp_path, bpe_tokenizer, kind):
     path, _ = write_source(tmp_path, kind, make_texts(150, seed=4))
 
     def new_loader():
-        return BOSBestFitLoader(bpe_tokenizer, iter_documents(path), batch_size=4, seq_len=48, buffer_size=40,
-                                tokenizer_batch_size=8)
+        return BOSBestFitLoader(
+            bpe_tokenizer, iter_documents(path), batch_size=4, seq_len=48, buffer_size=40, tokenizer_batch_size=8
+        )
 
     loader = new_loader()
     first = [next(loader) for _ in range(5)]
@@ -391,6 +416,7 @@ def test_validation_loader_is_single_pass(tmp_path, bpe_tokenizer):
 # ----------------------------------------------------------------------------------------------------------------------
 # bits per byte
 
+
 class TableModel(torch.nn.Module):
     """logits[b, t] = table[input_ids[b, t]]: a model whose every probability is known."""
 
@@ -423,6 +449,7 @@ def test_evaluate_bpb_by_hand(tmp_path):
 
     # under torch.distributed the sums are all-reduced (one gloo rank here: the same number)
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         assert evaluate_bpb(model, [(x1, y1), (x2, y2)], token_bytes) == pytest.approx(expected, rel=1e-6)
@@ -435,8 +462,14 @@ def test_streamed_exact_resume(streamed, bpe_tokenizer, rank):
     splits, _ = streamed
 
     def new_loader():
-        return BOSBestFitLoader(bpe_tokenizer, DocumentStream(splits, rank=rank, world_size=2), batch_size=2,
-                                seq_len=32, buffer_size=10, tokenizer_batch_size=4)
+        return BOSBestFitLoader(
+            bpe_tokenizer,
+            DocumentStream(splits, rank=rank, world_size=2),
+            batch_size=2,
+            seq_len=32,
+            buffer_size=10,
+            tokenizer_batch_size=4,
+        )
 
     loader = new_loader()
     for _ in range(3):

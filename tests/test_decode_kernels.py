@@ -164,7 +164,7 @@ def test_decode_step_over_a_static_cache_writes_it_in_place_like_update(monkeypa
 
     def run(fast: bool):
         cache = StaticCache(config=model.config, max_cache_len=16)
-        with torch.no_grad(), (model.fast_decode() if fast else contextlib.nullcontext()):
+        with torch.no_grad(), model.fast_decode() if fast else contextlib.nullcontext():
             model(prompt, cache=cache, use_cache=True)
             logits = model(step, cache=cache, use_cache=True).logits
         return logits, cache
@@ -242,6 +242,7 @@ def test_engine_with_decode_kernels_equals_engine_without(options):
     assert not any(layer.decode_kernels for layer in model.model.layers) and not model.decode_kernels
     # logits of one step agree with the unfused forward to fp32 rounding
     ids, step = torch.tensor([prompts[0]], device=DEVICE), torch.tensor([[7]], device=DEVICE)
+
     def next_logits():
         prefill = model(ids, use_cache=True)
         cache = getattr(prefill, "cache", None) or prefill.past_key_values  # renamed during transformers 5.x

@@ -179,7 +179,8 @@ def test_static_cache_is_reused_across_calls_but_never_shared_by_two_live_genera
 
     def fresh(prompts):
         return Engine(model, tokenizer, cache_implementation="static", compile=False).generate_batch(
-            prompts, num_samples=2, max_new_tokens=12, temperature=0.0)
+            prompts, num_samples=2, max_new_tokens=12, temperature=0.0
+        )
 
     expected_first, expected_second = fresh(first), fresh(second)
     assert engine.generate_batch(first, num_samples=2, max_new_tokens=12, temperature=0.0) == expected_first
@@ -405,14 +406,38 @@ def test_decode_benchmark_runs_on_cpu_with_tiny_flags():
 def test_decode_benchmark_with_tokenizer_runs_the_tool_machine(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "tok")
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(repo / "bench" / "decode.py"), "--depth", "2", "--prompt-len", "16", "--new-tokens", "8",
-           "--vocab-size", str(len(tokenizer)), "--batch-sizes", "2", "--configs", "engine/dynamic,generate/dynamic",
-           "--device", "cpu", "--repeats", "1", "--tokenizer", str(tmp_path / "tok")]
+    cmd = [
+        sys.executable,
+        str(repo / "bench" / "decode.py"),
+        "--depth",
+        "2",
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "8",
+        "--vocab-size",
+        str(len(tokenizer)),
+        "--batch-sizes",
+        "2",
+        "--configs",
+        "engine/dynamic,generate/dynamic",
+        "--device",
+        "cpu",
+        "--repeats",
+        "1",
+        "--tokenizer",
+        str(tmp_path / "tok"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
     assert r.returncode == 0, r.stderr
     engine, generate = [json.loads(line) for line in r.stdout.splitlines()]
     assert engine["tool_machine"] and not generate["tool_machine"]
     assert 2 <= engine["tokens_made"] <= 2 * 8 and generate["tokens_made"] == 2 * 8
-    too_small = subprocess.run([*cmd[:-2], "--vocab-size", "8", "--tokenizer", str(tmp_path / "tok")],
-                               capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+    too_small = subprocess.run(
+        [*cmd[:-2], "--vocab-size", "8", "--tokenizer", str(tmp_path / "tok")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
     assert too_small.returncode != 0 and "more than --vocab-size" in too_small.stderr

@@ -1,14 +1,12 @@
 """The model as a transformers citizen: shapes, loss, init, generation/cache/padding, save/load, fidelity."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
+from nanochat_reference import nanochat_forward, random_nanochat_state_dict
 from transformers import AutoModelForCausalLM
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
-
-from nanochat_reference import nanochat_forward, random_nanochat_state_dict
 
 
 def tiny_config(**overrides):
@@ -394,9 +392,10 @@ def test_rope_tables_are_the_per_position_cos_sin_and_survive_every_load_path(tm
     context, and are rebuilt, not left as garbage, when a model is materialised from the meta device or loaded."""
     config = tiny_config()
     rotary = HFNanoChatForCausalLM(config).model.rotary_emb
-    assert rotary.cos_table.shape == (10 * 64, 8) and "rotary_emb.cos_table" not in HFNanoChatForCausalLM(
-        config
-    ).state_dict()
+    assert (
+        rotary.cos_table.shape == (10 * 64, 8)
+        and "rotary_emb.cos_table" not in HFNanoChatForCausalLM(config).state_dict()
+    )
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
     positions = torch.tensor([[0, 5, 639]])
     cos, sin = rotary(torch.zeros(1, dtype=torch.bfloat16), positions)

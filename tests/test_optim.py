@@ -39,9 +39,15 @@ class TinyLM(nn.Module):
         self.wte = nn.Embedding(vocab, hidden)
         self.value_embed = nn.Embedding(vocab, hidden)
         self.layers = nn.ModuleList(
-            nn.ModuleDict(dict(c_q=nn.Linear(hidden, hidden, bias=False), c_fc=nn.Linear(hidden, 2 * hidden, bias=False),
-                               c_proj=nn.Linear(2 * hidden, hidden, bias=False)))
-            for _ in range(n_layer))
+            nn.ModuleDict(
+                dict(
+                    c_q=nn.Linear(hidden, hidden, bias=False),
+                    c_fc=nn.Linear(hidden, 2 * hidden, bias=False),
+                    c_proj=nn.Linear(2 * hidden, hidden, bias=False),
+                )
+            )
+            for _ in range(n_layer)
+        )
         self.resid_lambdas = nn.Parameter(torch.ones(n_layer))
         self.x0_lambdas = nn.Parameter(torch.full((n_layer,), 0.1))
         self.smear_gate = nn.Linear(4, 1, bias=False)
@@ -58,7 +64,9 @@ class TinyLM(nn.Module):
         }
 
     def forward(self, input_ids, labels=None):
-        norm = lambda t: F.rms_norm(t, (t.size(-1),))
+        def norm(t):
+            return F.rms_norm(t, (t.size(-1),))
+
         x = norm(self.wte(input_ids))
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, 1:, :4]))
         x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
@@ -92,6 +100,7 @@ def train(model, opt, steps, first_step=0, num_iterations=None):
 
 # -----------------------------------------------------------------------------
 # Muon and AdamW math
+
 
 @pytest.mark.parametrize("shape", [(32, 64), (64, 32)])
 def test_muon_matches_torch_muon(shape):
@@ -132,8 +141,9 @@ def test_adamw_matches_torch_adamw():
     ref = [nn.Parameter(p.detach().clone()) for p in ours]
     hp = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
     opt = MuonAdamW([dict(kind="adamw", params=ours[:2], **hp), dict(kind="adamw", params=ours[2:], lr=0.3)])
-    ref_opt = torch.optim.AdamW([dict(params=ref[:2], **hp),
-                                 dict(params=ref[2:], lr=0.3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)])
+    ref_opt = torch.optim.AdamW(
+        [dict(params=ref[:2], **hp), dict(params=ref[2:], lr=0.3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)]
+    )
     for _ in range(4):
         for a, b in zip(ours, ref):
             a.grad = torch.randn(a.shape)
@@ -163,12 +173,14 @@ def test_invalid_groups_raise():
     with pytest.raises(ValueError, match="ns_method"):
         MuonAdamW([dict(kind="muon", params=[nn.Parameter(torch.ones(2, 2))], lr=0.1, ns_method="svd")])
     with pytest.raises(ValueError, match="ns_steps"):
-        MuonAdamW([dict(kind="muon", params=[nn.Parameter(torch.ones(2, 2))], lr=0.1, ns_method="polar_express",
-                        ns_steps=6)])
+        MuonAdamW(
+            [dict(kind="muon", params=[nn.Parameter(torch.ones(2, 2))], lr=0.1, ns_method="polar_express", ns_steps=6)]
+        )
 
 
 # -----------------------------------------------------------------------------
 # nanochat's groups, training, resume
+
 
 def test_build_optimizer_groups():
     model = TinyLM(hidden=192)  # s = (192 / 768) ** -0.5 = 2
@@ -250,6 +262,7 @@ def test_state_dict_resume_is_exact():
 
 # -----------------------------------------------------------------------------
 # Schedules
+
 
 def test_lr_multiplier_seed_d20():
     n = 21_400  # d20: 20 tokens/param x 560,988,160 params / 524,288 tokens per step
@@ -361,8 +374,10 @@ def _fsdp_worker(rank, init_file, out_dir):
     by_shape = {}
     for p in params[:-1]:
         by_shape.setdefault(tuple(p.shape), []).append(p)
-    opt = MuonAdamW([dict(kind="muon", params=ps, lr=0.02) for ps in by_shape.values()]
-                    + [dict(kind="adamw", params=params[-1:], lr=0.01)])
+    opt = MuonAdamW(
+        [dict(kind="muon", params=ps, lr=0.02) for ps in by_shape.values()]
+        + [dict(kind="adamw", params=params[-1:], lr=0.01)]
+    )
     _, grads, _ = _dist_problem()
     for step_grads in grads:
         for p, g in zip(params, step_grads):
@@ -386,6 +401,7 @@ def test_fsdp2_sharded_muon_matches_single_process(tmp_path):
 # -----------------------------------------------------------------------------
 # transformers Trainer hook
 
+
 def test_trainer_factory(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -393,10 +409,19 @@ def test_trainer_factory(tmp_path):
     model = TinyLM()
     before = model.lm_head.weight.detach().clone()
     data = [dict(input_ids=x[0], labels=y[0]) for x, y in (successor_batch(i, batch=1) for i in range(8))]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to="none",
-                             save_strategy="no", use_cpu=True, lr_scheduler_type="constant", disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data,
-                      optimizer_cls_and_kwargs=(MuonAdamWFactory, dict(matrix_lr=0.03)))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=(MuonAdamWFactory, dict(matrix_lr=0.03))
+    )
     trainer.train()
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # unwrap AcceleratedOptimizer
     assert isinstance(opt, MuonAdamW)

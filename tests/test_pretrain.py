@@ -1,4 +1,5 @@
-"""train/pretrain.py end to end on a tiny model: loss falls, exact resume, 1 vs 2 processes, bad input, NaN, final folder.
+"""train/pretrain.py end to end on a tiny model: loss falls, exact resume, 1 vs 2 processes, bad input, NaN, final
+folder.
 
 Every run trains a depth-2 model (width 128, ~0.5M parameters) on 64-token rows, 512 tokens per step: 4 micro-steps of
 2 rows on one process. The corpus is ~300 KB of seeded word salad written by the test, and the 512-token tokenizer is
@@ -25,16 +26,32 @@ from hfnanochat import HFNanoChatForCausalLM
 from hfnanochat.tokenizer import save_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the a of and to in is was for on with as by at from that this it he she they we you king queen lord house "
-         "river stone light night day morning water fire earth wind sword crown ship sea land city gate tower road "
-         "garden letter song voice heart mind hand eye face word name time year friend enemy soldier child mother "
-         "father brother sister old young great small dark bright cold warm long short quiet loud strange true false "
-         "good evil walks runs speaks sees hears keeps takes gives finds loses holds brings calls tells knows thinks "
-         "feels comes goes").split()
+WORDS = (
+    "the a of and to in is was for on with as by at from that this it he she they we you king queen lord house "
+    "river stone light night day morning water fire earth wind sword crown ship sea land city gate tower road "
+    "garden letter song voice heart mind hand eye face word name time year friend enemy soldier child mother "
+    "father brother sister old young great small dark bright cold warm long short quiet loud strange true false "
+    "good evil walks runs speaks sees hears keeps takes gives finds loses holds brings calls tells knows thinks "
+    "feels comes goes"
+).split()
 # The tiny model; --sample-every 0 and --no-core keep each run to training and evaluation. 256 validation tokens per
 # evaluation: the ~20 held-out paragraphs (every 100th) fill 2 batches of 2 x 64 per stream.
-TINY = ["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "2", "--total-batch-size", "512",
-        "--eval-tokens", "256", "--sample-every", "0", "--no-core", "--no-compile"]
+TINY = [
+    "--depth",
+    "2",
+    "--max-seq-len",
+    "64",
+    "--device-batch-size",
+    "2",
+    "--total-batch-size",
+    "512",
+    "--eval-tokens",
+    "256",
+    "--sample-every",
+    "0",
+    "--no-core",
+    "--no-compile",
+]
 
 
 def _load_script():
@@ -55,8 +72,12 @@ def make_corpus(n_chars: int, seed: int = 0) -> str:
         sentences = []
         for _ in range(rng.randint(1, 5)):
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14)))
-            sentences.append(words[0].upper() + words[1:] + rng.choice(".!?;")
-                             + (f" {rng.randint(1, 2000)}" if rng.random() < 0.2 else ""))
+            sentences.append(
+                words[0].upper()
+                + words[1:]
+                + rng.choice(".!?;")
+                + (f" {rng.randint(1, 2000)}" if rng.random() < 0.2 else "")
+            )
         paragraphs.append(" ".join(sentences))
         size += len(paragraphs[-1]) + 2
     return "\n\n".join(paragraphs) + "\n"
@@ -109,8 +130,22 @@ def test_compiled_run_saves_plain_names_and_resumes(data, tmp_path):
     """GPU runs compile the model: checkpoints and the final folder must still carry the plain module's weight
     names (no `_orig_mod.`), and --resume must load them back into the compiled model."""
     corpus, tok = data
-    flags = ["--data", str(corpus), "--tokenizer", str(tok), *TINY[:-1], "--compile", "--num-iterations", "2",
-             "--eval-every", "0", "--save-every", "1", "--out", str(tmp_path / "run")]
+    flags = [
+        "--data",
+        str(corpus),
+        "--tokenizer",
+        str(tok),
+        *TINY[:-1],
+        "--compile",
+        "--num-iterations",
+        "2",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     pretrain.main(flags)
     for folder in (tmp_path / "run/final", tmp_path / "run/checkpoints/step_000001/model"):
         names = set(load_file(folder / "model.safetensors"))
@@ -141,7 +176,7 @@ def test_final_folder_loads_with_auto_classes(trained):
     end, bos = tokenizer.convert_tokens_to_ids(["<|assistant_end|>", "<|bos|>"])
     assert generation.eos_token_id == [end, bos] and generation.bos_token_id == bos
     out = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
-    assert out[0, :len(ids)].tolist() == ids and len(ids) < out.shape[1] <= len(ids) + 4
+    assert out[0, : len(ids)].tolist() == ids and len(ids) < out.shape[1] <= len(ids) + 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,8 +222,9 @@ def test_resume_is_bit_exact_after_a_crash(data, straight, tmp_path, capsys):
     assert opt_a["state"].keys() == opt_b["state"].keys()
     for i, state in opt_a["state"].items():
         assert all(torch.equal(v, opt_b["state"][i][k]) for k, v in state.items())
-    assert torch.load(straight / "checkpoints" / "step_000012" / "data_stream0.pt", weights_only=False) == \
-        torch.load(out / "checkpoints" / "step_000012" / "data_stream0.pt", weights_only=False)
+    assert torch.load(straight / "checkpoints" / "step_000012" / "data_stream0.pt", weights_only=False) == torch.load(
+        out / "checkpoints" / "step_000012" / "data_stream0.pt", weights_only=False
+    )
     # the debris of the crash is gone, the two newest complete checkpoints are kept
     assert step_names(out) == ["step_000006", "step_000012"]
 
@@ -198,8 +234,23 @@ def test_resume_with_lower_learning_rates_uses_them(data, straight, tmp_path):
     checkpoint's optimizer state would otherwise bring its own base rates back)."""
     out = tmp_path / "lower"
     shutil.copytree(straight / "checkpoints" / "step_000006", out / "checkpoints" / "step_000006")
-    run(data, out, "--num-iterations", "7", "--eval-every", "0", "--save-every", "0", "--resume",
-        "--matrix-lr", "0.002", "--embedding-lr", "0.02", "--unembedding-lr", "0.0004")
+    run(
+        data,
+        out,
+        "--num-iterations",
+        "7",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--resume",
+        "--matrix-lr",
+        "0.002",
+        "--embedding-lr",
+        "0.02",
+        "--unembedding-lr",
+        "0.0004",
+    )
     state = torch.load(out / "checkpoints" / "step_000007" / "optimizer.bin", weights_only=False)
     base = torch.load(straight / "checkpoints" / "step_000006" / "optimizer.bin", weights_only=False)
     for group, old in zip(state["param_groups"], base["param_groups"]):
@@ -229,14 +280,45 @@ def _free_port() -> int:
 @pytest.mark.slow  # two fresh interpreters over gloo plus two one-process runs: 10-20 s on 2 loaded cores
 def test_two_processes_match_one(data, tmp_path):
     corpus, tok = data
-    flags = ["--data", str(corpus), "--tokenizer", str(tok), *TINY, "--data-streams", "2", "--num-iterations", "8",
-             "--eval-every", "4", "--save-every", "3", "--keep-checkpoints", "3"]
+    flags = [
+        "--data",
+        str(corpus),
+        "--tokenizer",
+        str(tok),
+        *TINY,
+        "--data-streams",
+        "2",
+        "--num-iterations",
+        "8",
+        "--eval-every",
+        "4",
+        "--save-every",
+        "3",
+        "--keep-checkpoints",
+        "3",
+    ]
     # `accelerate launch --config_file accelerate_configs/cpu_2proc.yaml` starts ONE process with accelerate 1.15
     # (MULTI_CPU goes to its simple launcher, which needs mpirun for more), so torchrun starts the two.
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(ROOT / "train" / "pretrain.py"), *flags, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            str(ROOT / "train" / "pretrain.py"),
+            *flags,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -247,8 +329,10 @@ def test_two_processes_match_one(data, tmp_path):
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 9))
     # The same global batch: every stream was read to the same position with the same buffered documents ...
     for s in (0, 1):
-        state = [torch.load(tmp_path / run_ / "checkpoints" / "step_000008" / f"data_stream{s}.pt", weights_only=False)
-                 for run_ in ("one", "two")]
+        state = [
+            torch.load(tmp_path / run_ / "checkpoints" / "step_000008" / f"data_stream{s}.pt", weights_only=False)
+            for run_ in ("one", "two")
+        ]
         assert state[0] == state[1] and state[0]["documents"]["rank"] == s
     # ... so the first step (same weights, same 4 x 2 rows, mean of 4 losses in another order) and the validation bpb
     # at step 0 (same held-out rows, sums all-reduced) agree to float rounding ...
@@ -275,8 +359,24 @@ def test_two_compiled_processes_resume(data, tmp_path):
     """On GPUs the model is compiled and DDP wraps the compiled module; accelerate's unwrap then stops at the
     compiled wrapper, and loading a checkpoint into it failed on `_orig_mod.` names (seen on 2 H200s)."""
     corpus, tok = data
-    flags = ["--data", str(corpus), "--tokenizer", str(tok), *TINY[:-1], "--compile", "--data-streams", "2",
-             "--num-iterations", "2", "--eval-every", "0", "--save-every", "1", "--out", str(tmp_path / "run")]
+    flags = [
+        "--data",
+        str(corpus),
+        "--tokenizer",
+        str(tok),
+        *TINY[:-1],
+        "--compile",
+        "--data-streams",
+        "2",
+        "--num-iterations",
+        "2",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
 
     def launch(*extra):
         result = subprocess.run(
@@ -347,8 +447,16 @@ def test_bad_input_fails_before_training(data, tmp_path, case):
 def test_resume_with_another_depth_names_the_field(data, straight, tmp_path):
     out = tmp_path / "deeper"
     with pytest.raises(ValueError, match=r"num_hidden_layers \(--depth\): checkpoint 2 vs now 3"):
-        run(data, out, "--num-iterations", "12", "--depth", "3",
-            "--resume", str(straight / "checkpoints" / "step_000006"))
+        run(
+            data,
+            out,
+            "--num-iterations",
+            "12",
+            "--depth",
+            "3",
+            "--resume",
+            str(straight / "checkpoints" / "step_000006"),
+        )
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -363,8 +471,20 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, sa
     # NaN shows as the loss of step 7; with one every 2 the save at step 6 finds the NaN weights first.
     out = tmp_path / "nan"
     with pytest.raises(SystemExit) as e:
-        run(data, out, "--num-iterations", "8", "--warmdown-ratio", "0.5", "--final-lr-frac", "inf",
-            "--eval-every", "0", "--save-every", str(save_every))
+        run(
+            data,
+            out,
+            "--num-iterations",
+            "8",
+            "--warmdown-ratio",
+            "0.5",
+            "--final-lr-frac",
+            "inf",
+            "--eval-every",
+            "0",
+            "--save-every",
+            str(save_every),
+        )
     assert e.value.code == 1
     good = out / "checkpoints" / "step_000004"
     message = capsys.readouterr().out

@@ -66,29 +66,61 @@ def make_conversations(n: int, seed: int = 0) -> list:
         a, b = rng.randint(2, 99), rng.randint(2, 99)
         kind = i % 4
         if kind == 0:
-            convs.append({"messages": [{"role": "user", "content": words(rng, 3, 8)},
-                                       {"role": "assistant", "content": words(rng, 3, 10)}]})
+            convs.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": words(rng, 3, 8)},
+                        {"role": "assistant", "content": words(rng, 3, 10)},
+                    ]
+                }
+            )
         elif kind == 1:
-            convs.append([{"role": "system", "content": words(rng, 2, 4)},
-                          {"role": "user", "content": words(rng, 2, 5)},
-                          {"role": "assistant", "content": words(rng, 2, 5)},
-                          {"role": "user", "content": words(rng, 2, 5)},
-                          {"role": "assistant", "content": words(rng, 2, 5)}])
+            convs.append(
+                [
+                    {"role": "system", "content": words(rng, 2, 4)},
+                    {"role": "user", "content": words(rng, 2, 5)},
+                    {"role": "assistant", "content": words(rng, 2, 5)},
+                    {"role": "user", "content": words(rng, 2, 5)},
+                    {"role": "assistant", "content": words(rng, 2, 5)},
+                ]
+            )
         elif kind == 2:
-            convs.append({"messages": [{"role": "user", "content": f"{words(rng, 2, 5)} {a} {b}?"},
-                                       {"role": "assistant", "content": [
-                                           {"type": "text", "text": words(rng, 1, 4) + " "},
-                                           {"type": "python", "text": f"{a}*{b}"},
-                                           {"type": "python_output", "text": str(a * b)},
-                                           {"type": "text", "text": f" {words(rng, 1, 3)}\n#### {a * b}"}]}]})
+            convs.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"{words(rng, 2, 5)} {a} {b}?"},
+                        {
+                            "role": "assistant",
+                            "content": [
+                                {"type": "text", "text": words(rng, 1, 4) + " "},
+                                {"type": "python", "text": f"{a}*{b}"},
+                                {"type": "python_output", "text": str(a * b)},
+                                {"type": "text", "text": f" {words(rng, 1, 3)}\n#### {a * b}"},
+                            ],
+                        },
+                    ]
+                }
+            )
         else:
-            convs.append({"messages": [
-                {"role": "user", "content": f"{words(rng, 2, 5)} {a} {b}"},
-                {"role": "assistant", "content": words(rng, 1, 3),
-                 "tool_calls": [{"type": "function", "function": {"name": "python",
-                                                                  "arguments": json.dumps({"code": f"{a}+{b}"})}}]},
-                {"role": "tool", "content": str(a + b)},
-                {"role": "assistant", "content": f"#### {a + b}"}]})
+            convs.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"{words(rng, 2, 5)} {a} {b}"},
+                        {
+                            "role": "assistant",
+                            "content": words(rng, 1, 3),
+                            "tool_calls": [
+                                {
+                                    "type": "function",
+                                    "function": {"name": "python", "arguments": json.dumps({"code": f"{a}+{b}"})},
+                                }
+                            ],
+                        },
+                        {"role": "tool", "content": str(a + b)},
+                        {"role": "assistant", "content": f"#### {a + b}"},
+                    ]
+                }
+            )
     return convs
 
 
@@ -103,11 +135,19 @@ def env(tmp_path_factory):
     """{'base': model folder, 'data': conversations.jsonl, 'convs': the list, 'sources': --source flags, 'root'}"""
     root = tmp_path_factory.mktemp("sft")
     rng = random.Random(0)
-    tok = train_tokenizer([words(rng, 5, 40) + rng.choice(".?!") + f" {i} {i * 7}" for i in range(3000)],
-                          vocab_size=512)
-    config = HFNanoChatConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tok = train_tokenizer(
+        [words(rng, 5, 40) + rng.choice(".?!") + f" {i} {i * 7}" for i in range(3000)], vocab_size=512
+    )
+    config = HFNanoChatConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     model = HFNanoChatForCausalLM(config)
     with torch.no_grad():
@@ -120,21 +160,54 @@ def env(tmp_path_factory):
     # local copies of the public datasets, in their Hub layouts
     src = root / "sources"
     chats = make_conversations(24, seed=1)  # SmolTalk has plain chats only: kinds 0 and 1, 12 of them
-    write_jsonl(src / "smoltalk" / "train.jsonl",
-                [{"messages": c if isinstance(c, list) else c["messages"]} for i, c in enumerate(chats) if i % 4 < 2])
-    write_jsonl(src / "mmlu" / "auxiliary_train" / "train.jsonl",
-                [{"train": {"question": words(rng, 3, 6), "choices": [words(rng, 1, 2) for _ in range(4)],
-                            "answer": i % 4, "subject": ""}} for i in range(12)])
-    write_jsonl(src / "gsm8k" / "train.jsonl",
-                [{"question": f"{words(rng, 3, 6)} {i}?", "answer": f"{words(rng, 2, 4)} <<{i}*3={i * 3}>>{i * 3}.\n"
-                  f"#### {i * 3}"} for i in range(12)])
+    write_jsonl(
+        src / "smoltalk" / "train.jsonl",
+        [{"messages": c if isinstance(c, list) else c["messages"]} for i, c in enumerate(chats) if i % 4 < 2],
+    )
+    write_jsonl(
+        src / "mmlu" / "auxiliary_train" / "train.jsonl",
+        [
+            {
+                "train": {
+                    "question": words(rng, 3, 6),
+                    "choices": [words(rng, 1, 2) for _ in range(4)],
+                    "answer": i % 4,
+                    "subject": "",
+                }
+            }
+            for i in range(12)
+        ],
+    )
+    write_jsonl(
+        src / "gsm8k" / "train.jsonl",
+        [
+            {
+                "question": f"{words(rng, 3, 6)} {i}?",
+                "answer": f"{words(rng, 2, 4)} <<{i}*3={i * 3}>>{i * 3}.\n#### {i * 3}",
+            }
+            for i in range(12)
+        ],
+    )
     for subset in ("ARC-Easy", "ARC-Challenge"):
-        datasets.Dataset.from_list([{"question": words(rng, 3, 6), "answerKey": "C",
-                                     "choices": {"text": [words(rng, 1, 2) for _ in range(4)], "label": list("ABCD")}}
-                                    for _ in range(6)]).to_parquet(str(src / "arc" / subset / "train-0.parquet"))
+        datasets.Dataset.from_list(
+            [
+                {
+                    "question": words(rng, 3, 6),
+                    "answerKey": "C",
+                    "choices": {"text": [words(rng, 1, 2) for _ in range(4)], "label": list("ABCD")},
+                }
+                for _ in range(6)
+            ]
+        ).to_parquet(str(src / "arc" / subset / "train-0.parquet"))
     sources = [f"--source={task}={src / task}" for task in ("smoltalk", "mmlu", "gsm8k", "arc")]
-    return dict(root=root, base=str(root / "base"), tok=tok, convs=convs, sources=sources,
-                data=write_jsonl(root / "conversations.jsonl", convs))
+    return dict(
+        root=root,
+        base=str(root / "base"),
+        tok=tok,
+        convs=convs,
+        sources=sources,
+        data=write_jsonl(root / "conversations.jsonl", convs),
+    )
 
 
 def metrics(out) -> list[dict]:
@@ -159,9 +232,26 @@ def masked(ids, mask):
 
 # -- what reaches the model --------------------------------------------------------------------------------------------
 
+
 def test_sft_batches_equal_render_conversation(env, tmp_path):
-    args = sft.parse_args(["--model", env["base"], "--out", str(tmp_path), "--data", env["data"], "--max-seq-len",
-                           "128", "--device-batch-size", "5", "--examples-per-step", "5", "--num-proc", "1"])
+    args = sft.parse_args(
+        [
+            "--model",
+            env["base"],
+            "--out",
+            str(tmp_path),
+            "--data",
+            env["data"],
+            "--max-seq-len",
+            "128",
+            "--device-batch-size",
+            "5",
+            "--examples-per-step",
+            "5",
+            "--num-proc",
+            "1",
+        ]
+    )
     trainer, data, _ = sft.build(args)
     rows = rows_of(trainer)
     expected = []
@@ -175,14 +265,31 @@ def test_sft_batches_equal_render_conversation(env, tmp_path):
     assert special["output_start"] not in labels and special["user_start"] not in labels  # ...its output is not
     assert labels.count(special["assistant_end"]) == sum(  # the model learns to stop, once per assistant turn
         sum(m["role"] == "assistant" and not m.get("tool_calls") for m in (c if isinstance(c, list) else c["messages"]))
-        for c in env["convs"])
+        for c in env["convs"]
+    )
 
 
 @pytest.mark.parametrize("assistant_only", [False, True], ids=["all_tokens", "assistant_only"])
 def test_midtrain_rows_are_the_rendered_stream(env, tmp_path, assistant_only):
-    args = midtrain.parse_args(["--model", env["base"], "--out", str(tmp_path), "--data", env["data"],
-                                "--max-seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "256",
-                                "--num-proc", "1"] + ["--assistant-only"] * assistant_only)
+    args = midtrain.parse_args(
+        [
+            "--model",
+            env["base"],
+            "--out",
+            str(tmp_path),
+            "--data",
+            env["data"],
+            "--max-seq-len",
+            "64",
+            "--device-batch-size",
+            "4",
+            "--total-batch-size",
+            "256",
+            "--num-proc",
+            "1",
+        ]
+        + ["--assistant-only"] * assistant_only
+    )
     trainer, data, _ = midtrain.build(args)
     rows = rows_of(trainer)
     stream_ids, stream_labels = [], []
@@ -190,12 +297,13 @@ def test_midtrain_rows_are_the_rendered_stream(env, tmp_path, assistant_only):
         ids, mask = render_conversation(env["tok"], messages)
         stream_ids += ids
         stream_labels += masked(ids, mask) if assistant_only else ids
-    expected = [(stream_ids[i:i + 64], stream_labels[i:i + 64]) for i in range(0, len(stream_ids), 64)]
+    expected = [(stream_ids[i : i + 64], stream_labels[i : i + 64]) for i in range(0, len(stream_ids), 64)]
     assert sorted(rows) == sorted(expected)
     assert sum(len(ids) < 64 for ids, _ in rows) <= 1  # full rows, only the tail is short
 
 
 # -- training ----------------------------------------------------------------------------------------------------------
+
 
 def test_schedule_sets_lr_and_muon_momentum(env):
     model = AutoModelForCausalLM.from_pretrained(env["base"], trust_remote_code=True)
@@ -223,10 +331,33 @@ def test_schedule_sets_lr_and_muon_momentum(env):
 
 def test_midtrain_recipe_then_sft_chain_through_hf_folders(env, tmp_path):
     out = tmp_path / "mid"
-    midtrain.main(["--model", env["base"], "--out", str(out), *env["sources"], "--identity", "--identity-name",
-                   "Zed", "--spelling", "--max-rows", "48", "--max-seq-len", "64", "--device-batch-size", "4",
-                   "--total-batch-size", "512", "--momentum-warmup-steps", "3", "--save-every", "0",
-                   "--num-proc", "1"])
+    midtrain.main(
+        [
+            "--model",
+            env["base"],
+            "--out",
+            str(out),
+            *env["sources"],
+            "--identity",
+            "--identity-name",
+            "Zed",
+            "--spelling",
+            "--max-rows",
+            "48",
+            "--max-seq-len",
+            "64",
+            "--device-batch-size",
+            "4",
+            "--total-batch-size",
+            "512",
+            "--momentum-warmup-steps",
+            "3",
+            "--save-every",
+            "0",
+            "--num-proc",
+            "1",
+        ]
+    )
     records = metrics(out)
     losses = [r["loss"] for r in records]
     assert len(records) >= 8 and [r["step"] for r in records] == list(range(1, len(records) + 1))
@@ -242,29 +373,78 @@ def test_midtrain_recipe_then_sft_chain_through_hf_folders(env, tmp_path):
     special = get_special_token_ids(tok)
     assert GenerationConfig.from_pretrained(final).eos_token_id == [special["assistant_end"], special["bos"]]
     assert model.config.use_cache
-    prompt = tok.apply_chat_template([{"role": "user", "content": "who are you"}], add_generation_prompt=True,
-                                     return_tensors="pt", return_dict=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "who are you"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out_ids = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert out_ids.shape[1] > prompt["input_ids"].shape[1]
     # the next stage starts from that folder, as the pipeline does
-    sft.main(["--model", str(final), "--out", str(tmp_path / "sft"), "--data", env["data"], "--max-seq-len", "128",
-              "--device-batch-size", "8", "--examples-per-step", "8", "--num-proc", "1"])
+    sft.main(
+        [
+            "--model",
+            str(final),
+            "--out",
+            str(tmp_path / "sft"),
+            "--data",
+            env["data"],
+            "--max-seq-len",
+            "128",
+            "--device-batch-size",
+            "8",
+            "--examples-per-step",
+            "8",
+            "--num-proc",
+            "1",
+        ]
+    )
     assert len(metrics(tmp_path / "sft")) == 6
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final", trust_remote_code=True).config.use_cache
 
 
 @pytest.mark.slow  # two fresh interpreters over gloo plus a one-process run: ~10-20 s on 2 loaded cores
 def test_two_processes_match_one(env, tmp_path):
-    flags = ["--model", env["base"], "--data", env["data"], "--max-seq-len", "64", "--device-batch-size", "2",
-             "--total-batch-size", "512", "--momentum-warmup-steps", "3", "--save-every", "0", "--num-proc", "1"]
+    flags = [
+        "--model",
+        env["base"],
+        "--data",
+        env["data"],
+        "--max-seq-len",
+        "64",
+        "--device-batch-size",
+        "2",
+        "--total-batch-size",
+        "512",
+        "--momentum-warmup-steps",
+        "3",
+        "--save-every",
+        "0",
+        "--num-proc",
+        "1",
+    ]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # torchrun, not `accelerate launch --cpu`, which starts a single process on a machine without GPUs
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), str(ROOT / "train" / "midtrain.py"), *flags, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            str(ROOT / "train" / "midtrain.py"),
+            *flags,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -278,9 +458,28 @@ def test_two_processes_match_one(env, tmp_path):
 
 
 def test_midtrain_resume_continues_exactly(env, tmp_path):
-    flags = ["--model", env["base"], "--data", env["data"], "--max-seq-len", "64", "--device-batch-size", "4",
-             "--total-batch-size", "256", "--momentum-warmup-steps", "4", "--warmdown-ratio", "0.5", "--save-every",
-             "2", "--keep-checkpoints", "9", "--num-proc", "1"]
+    flags = [
+        "--model",
+        env["base"],
+        "--data",
+        env["data"],
+        "--max-seq-len",
+        "64",
+        "--device-batch-size",
+        "4",
+        "--total-batch-size",
+        "256",
+        "--momentum-warmup-steps",
+        "4",
+        "--warmdown-ratio",
+        "0.5",
+        "--save-every",
+        "2",
+        "--keep-checkpoints",
+        "9",
+        "--num-proc",
+        "1",
+    ]
     full, cut = tmp_path / "full", tmp_path / "cut"
     midtrain.main(flags + ["--out", str(full)])
     (cut / "checkpoints").mkdir(parents=True)
@@ -317,17 +516,35 @@ def train_midtrain(argv, *callbacks):
 
 
 def test_resume_trains_at_the_rates_it_is_given(env, tmp_path):
-    flags = ["--model", env["base"], "--data", env["data"], "--max-seq-len", "64", "--device-batch-size", "4",
-             "--total-batch-size", "256", "--warmdown-ratio", "0.5", "--save-every", "2", "--keep-checkpoints", "9",
-             "--num-proc", "1"]
+    flags = [
+        "--model",
+        env["base"],
+        "--data",
+        env["data"],
+        "--max-seq-len",
+        "64",
+        "--device-batch-size",
+        "4",
+        "--total-batch-size",
+        "256",
+        "--warmdown-ratio",
+        "0.5",
+        "--save-every",
+        "2",
+        "--keep-checkpoints",
+        "9",
+        "--num-proc",
+        "1",
+    ]
     full, low = tmp_path / "full", tmp_path / "low"
     straight = RecordRates()
     train_midtrain(flags + ["--out", str(full)], straight)
     (low / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "checkpoint-2", low / "checkpoints" / "checkpoint-2")
     resumed = RecordRates()  # 10x below the defaults (0.02, 0.004) for Muon and lm_head, embeddings unchanged
-    train_midtrain(flags + ["--out", str(low), "--resume", "--matrix-lr", "0.002", "--unembedding-lr", "0.0004"],
-                   resumed)
+    train_midtrain(
+        flags + ["--out", str(low), "--resume", "--matrix-lr", "0.002", "--unembedding-lr", "0.0004"], resumed
+    )
     a, b = metrics(full)[2:], metrics(low)
     assert [r["step"] for r in b] == [r["step"] for r in a] == sorted(resumed.rates)  # it resumed at step 3
     assert [r["lrm"] for r in b] == pytest.approx([r["lrm"] for r in a]) and a[0]["lrm"] == 1.0  # same schedule...
@@ -335,8 +552,9 @@ def test_resume_trains_at_the_rates_it_is_given(env, tmp_path):
     muon = [name for name in straight.rates[3] if name.startswith("matrix_")]
     assert muon
     for step, rates in resumed.rates.items():
-        expected = {name: lr / 10 if name == "lm_head" or name in muon else lr
-                    for name, lr in straight.rates[step].items()}
+        expected = {
+            name: lr / 10 if name == "lm_head" or name in muon else lr for name, lr in straight.rates[step].items()
+        }
         assert rates == pytest.approx(expected)
 
 
@@ -348,9 +566,27 @@ def test_nan_on_a_save_step_saves_no_checkpoint(env, tmp_path):
                     model.get_input_embeddings().weight.fill_(float("nan"))
 
     out = tmp_path / "nan"
-    callback = train_midtrain(["--model", env["base"], "--data", env["data"], "--max-seq-len", "64",
-                               "--device-batch-size", "4", "--total-batch-size", "256", "--save-every", "2",
-                               "--num-proc", "1", "--out", str(out)], Poison())
+    callback = train_midtrain(
+        [
+            "--model",
+            env["base"],
+            "--data",
+            env["data"],
+            "--max-seq-len",
+            "64",
+            "--device-batch-size",
+            "4",
+            "--total-batch-size",
+            "256",
+            "--save-every",
+            "2",
+            "--num-proc",
+            "1",
+            "--out",
+            str(out),
+        ],
+        Poison(),
+    )
     assert callback.failed == "step 4: loss is nan"
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]  # it stopped there
     assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
@@ -359,8 +595,27 @@ def test_nan_on_a_save_step_saves_no_checkpoint(env, tmp_path):
 
 def test_sft_lora_trains_and_merges(env, tmp_path):
     out = tmp_path / "lora"
-    sft.main(["--model", env["base"], "--out", str(out), "--data", env["data"], "--lora", "--lr", "2e-2",
-              "--max-seq-len", "128", "--device-batch-size", "4", "--examples-per-step", "8", "--num-proc", "1"])
+    sft.main(
+        [
+            "--model",
+            env["base"],
+            "--out",
+            str(out),
+            "--data",
+            env["data"],
+            "--lora",
+            "--lr",
+            "2e-2",
+            "--max-seq-len",
+            "128",
+            "--device-batch-size",
+            "4",
+            "--examples-per-step",
+            "8",
+            "--num-proc",
+            "1",
+        ]
+    )
     losses = [r["loss"] for r in metrics(out)]
     assert len(losses) == 6 and losses[-1] < losses[0]
     base = AutoModelForCausalLM.from_pretrained(env["base"], trust_remote_code=True)
@@ -377,9 +632,28 @@ def test_sft_lora_trains_and_merges(env, tmp_path):
 
 def test_sft_adamw_option_trains(env, tmp_path):
     out = tmp_path / "adamw"
-    sft.main(["--model", env["base"], "--out", str(out), "--data", env["data"], "--optimizer", "adamw", "--lr",
-              "3e-3", "--max-seq-len", "128", "--device-batch-size", "8", "--examples-per-step", "8",
-              "--num-proc", "1"])
+    sft.main(
+        [
+            "--model",
+            env["base"],
+            "--out",
+            str(out),
+            "--data",
+            env["data"],
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "3e-3",
+            "--max-seq-len",
+            "128",
+            "--device-batch-size",
+            "8",
+            "--examples-per-step",
+            "8",
+            "--num-proc",
+            "1",
+        ]
+    )
     records = metrics(out)
     assert [r["lrm"] for r in records] == pytest.approx([1 - s / 6 for s in range(6)])  # linear decay to 0
     assert records[-1]["loss"] < records[0]["loss"] - 0.3
@@ -389,10 +663,25 @@ def test_sft_adamw_option_trains(env, tmp_path):
 
 
 def test_max_rows_keeps_the_mixture_proportions(env, tmp_path):
-    args = midtrain.parse_args(["--model", env["base"], "--out", str(tmp_path), "--no-recipe", "--identity",
-                                "--spelling", "--num-proc", "1", "--max-rows", "280"])
-    kinds = [("bee" if m[1].get("tool_calls") else "spell" if m[0]["content"].startswith("Spell the word:")
-              else "identity") for m in midtrain.load_data(args)["messages"]]
+    args = midtrain.parse_args(
+        [
+            "--model",
+            env["base"],
+            "--out",
+            str(tmp_path),
+            "--no-recipe",
+            "--identity",
+            "--spelling",
+            "--num-proc",
+            "1",
+            "--max-rows",
+            "280",
+        ]
+    )
+    kinds = [
+        ("bee" if m[1].get("tool_calls") else "spell" if m[0]["content"].startswith("Spell the word:") else "identity")
+        for m in midtrain.load_data(args)["messages"]
+    ]
     # identity 2 x 1K, SimpleSpelling 200K, SpellingBee 80K (cutting each part at 280 would give 1/2, 1/4, 1/4)
     assert len(kinds) == 280
     assert kinds.count("spell") == pytest.approx(280 * 200 / 282, abs=2)
@@ -400,13 +689,29 @@ def test_max_rows_keeps_the_mixture_proportions(env, tmp_path):
 
 
 def test_sft_recipe_from_local_sources(env, tmp_path):
-    args = sft.parse_args(["--model", env["base"], "--out", str(tmp_path), *env["sources"], "--identity",
-                           "--spelling", "--max-rows", "10", "--max-seq-len", "256", "--num-proc", "1"])
+    args = sft.parse_args(
+        [
+            "--model",
+            env["base"],
+            "--out",
+            str(tmp_path),
+            *env["sources"],
+            "--identity",
+            "--spelling",
+            "--max-rows",
+            "10",
+            "--max-seq-len",
+            "256",
+            "--num-proc",
+            "1",
+        ]
+    )
     data = sft.load_data(args, env["tok"])
     # ARC-Easy 6 + ARC-Challenge 6 + GSM8K 10 + SmolTalk 10 + identity 10 + spelling 10 + 10, cut to --max-rows
     assert len(data) == 10
-    full = sft.parse_args(["--model", env["base"], "--out", str(tmp_path), *env["sources"], "--max-seq-len", "256",
-                           "--num-proc", "1"])
+    full = sft.parse_args(
+        ["--model", env["base"], "--out", str(tmp_path), *env["sources"], "--max-seq-len", "256", "--num-proc", "1"]
+    )
     contents = [m[0]["content"] for m in sft.load_data(full, env["tok"])["messages"]]
     assert sum(c.startswith("Multiple Choice question:") for c in contents) == 12
     assert len(contents) == 12 + 12 + 12  # ARC 12, GSM8K 12, SmolTalk 12
@@ -457,15 +762,49 @@ def test_sft_throughput_bench_runs_the_stage_on_a_fresh_base(tmp_path):
     """bench/sft_throughput.py: GSM8K (local layout) -> tokenizer + freshly initialised base -> train/sft.py -> medians
     of its metrics. CPU has no MFU; the pretraining-step half is the pretrain benchmark, which has its own test."""
     rng = random.Random(3)
-    write_jsonl(tmp_path / "gsm8k" / "train.jsonl",
-                [{"question": f"{words(rng, 10, 30)} {i}?", "answer": f"{words(rng, 5, 15)} <<{i}*3={i * 3}>>{i * 3}."
-                  f"\n#### {i * 3}"} for i in range(300)])
-    cmd = [sys.executable, str(ROOT / "bench" / "sft_throughput.py"), "--gsm8k", str(tmp_path / "gsm8k"),
-           "--depth", "2", "--max-seq-len", "256", "--max-rows", "32", "--vocab-size", "512", "--skip-steps", "1",
-           "--no-pretrain", "--jsonl", str(tmp_path / "out.jsonl"),
-           "--", "--device-batch-size", "4", "--examples-per-step", "8", "--num-proc", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    write_jsonl(
+        tmp_path / "gsm8k" / "train.jsonl",
+        [
+            {
+                "question": f"{words(rng, 10, 30)} {i}?",
+                "answer": f"{words(rng, 5, 15)} <<{i}*3={i * 3}>>{i * 3}.\n#### {i * 3}",
+            }
+            for i in range(300)
+        ],
+    )
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "sft_throughput.py"),
+        "--gsm8k",
+        str(tmp_path / "gsm8k"),
+        "--depth",
+        "2",
+        "--max-seq-len",
+        "256",
+        "--max-rows",
+        "32",
+        "--vocab-size",
+        "512",
+        "--skip-steps",
+        "1",
+        "--no-pretrain",
+        "--jsonl",
+        str(tmp_path / "out.jsonl"),
+        "--",
+        "--device-batch-size",
+        "4",
+        "--examples-per-step",
+        "8",
+        "--num-proc",
+        "1",
+    ]
+    r = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (result,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert result["loop"] == "SFTTrainer (sft)" and result["steps"] == 32 // 8 and result["timed_steps"] == 3
@@ -474,10 +813,24 @@ def test_sft_throughput_bench_runs_the_stage_on_a_fresh_base(tmp_path):
 
 # -- bad input -------------------------------------------------------------------------------------------------------
 
+
 def test_bad_input_fails_before_training(env, tmp_path):
     def build(script, *flags):
-        script.build(script.parse_args(["--model", env["base"], "--out", str(tmp_path / "x"), "--num-proc", "1",
-                                        "--max-seq-len", "128", *flags]))
+        script.build(
+            script.parse_args(
+                [
+                    "--model",
+                    env["base"],
+                    "--out",
+                    str(tmp_path / "x"),
+                    "--num-proc",
+                    "1",
+                    "--max-seq-len",
+                    "128",
+                    *flags,
+                ]
+            )
+        )
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(env["convs"][0]) + "\n" + json.dumps([{"role": "user", "content": "hi"}]) + "\n")
@@ -485,9 +838,11 @@ def test_bad_input_fails_before_training(env, tmp_path):
         build(sft, "--data", str(bad))
     with pytest.raises(ValueError, match=r"bad.jsonl line 2"):
         build(midtrain, "--data", str(bad), "--device-batch-size", "1", "--total-batch-size", "128")
-    long = write_jsonl(tmp_path / "long.jsonl", env["convs"][:3] + [[{"role": "user", "content": "hi"},
-                                                                     {"role": "assistant",
-                                                                      "content": words(random.Random(1), 200, 200)}]])
+    long = write_jsonl(
+        tmp_path / "long.jsonl",
+        env["convs"][:3]
+        + [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": words(random.Random(1), 200, 200)}]],
+    )
     with pytest.raises(ValueError, match=r"long.jsonl: conversation 3 .* more than the context of 128"):
         build(sft, "--data", long)
     no_messages = write_jsonl(tmp_path / "smol" / "train.jsonl", [{"text": "hello"}])

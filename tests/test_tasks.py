@@ -1,7 +1,8 @@
 """hfnanochat.tasks: every source's conversations, the canonical message format, bad rows, local copies.
 
 Fixtures are tiny files written into tmp_path in each source's real layout (GSM8K's jsonl, a Hub parquet snapshot for
-ARC, MMLU's wrapped auxiliary_train rows). The real GSM8K train file is used when ../shared (beside the checkout) has it.
+ARC, MMLU's wrapped auxiliary_train rows). The real GSM8K train file is used when ../shared (beside the checkout) has
+it.
 """
 
 import json
@@ -24,8 +25,10 @@ SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "dan", "tor"
 def tok():
     rng = random.Random(0)
     words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(2000)]
-    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) + rng.choice(".?!") + f" {i}"
-             for i in range(3000)]
+    texts = [
+        " ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) + rng.choice(".?!") + f" {i}"
+        for i in range(3000)
+    ]
     return train_tokenizer(texts, vocab_size=512)
 
 
@@ -47,26 +50,46 @@ def template(tok, messages):
 # -- the canonical format --------------------------------------------------------------------------------------------
 
 VALID = {
-    "parts": {"messages": [
-        {"role": "user", "content": "what is 12 times 7"},
-        {"role": "assistant", "content": [{"type": "text", "text": "Let me compute "},
-                                          {"type": "python", "text": "12*7"},
-                                          {"type": "python_output", "text": "84"},
-                                          {"type": "text", "text": " so it is 84."}]}]},
+    "parts": {
+        "messages": [
+            {"role": "user", "content": "what is 12 times 7"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Let me compute "},
+                    {"type": "python", "text": "12*7"},
+                    {"type": "python_output", "text": "84"},
+                    {"type": "text", "text": " so it is 84."},
+                ],
+            },
+        ]
+    },
     "tool_calls_json_args_and_system": [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "add 2 and 3"},
-        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "python",
-                                                                            "arguments": '{"code": "2+3"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"function": {"name": "python", "arguments": '{"code": "2+3"}'}}],
+        },
         {"role": "tool", "content": "5"},
         {"role": "assistant", "content": "5"},
         {"role": "user", "content": "thanks"},
-        {"role": "assistant", "content": "welcome"}],
+        {"role": "assistant", "content": "welcome"},
+    ],
     "two_calls_in_a_row": [
         {"role": "user", "content": "q"},
-        {"role": "assistant", "content": [{"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"},
-                                          {"type": "python", "text": "2*3"}, {"type": "python_output", "text": "6"},
-                                          {"type": "text", "text": "#### 6"}]}],
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "python", "text": "1+1"},
+                {"type": "python_output", "text": "2"},
+                {"type": "python", "text": "2*3"},
+                {"type": "python_output", "text": "6"},
+                {"type": "text", "text": "#### 6"},
+            ],
+        },
+    ],
 }
 
 
@@ -98,15 +121,23 @@ BAD = [
     ([U, A, A], "roles must alternate"),
     ([A], "roles must alternate"),
     ([U, {"role": "tool", "content": "5"}, A], "tool message must follow"),
-    ([U, {"role": "assistant", "content": [{"type": "python_output", "text": "5"}, {"type": "text", "text": "x"}]}],
-     "tool output with no python call"),
-    ([U, {"role": "assistant", "content": [{"type": "python", "text": "1+1"}, {"type": "text", "text": "x"}]}],
-     "python call with no tool output"),
+    (
+        [U, {"role": "assistant", "content": [{"type": "python_output", "text": "5"}, {"type": "text", "text": "x"}]}],
+        "tool output with no python call",
+    ),
+    (
+        [U, {"role": "assistant", "content": [{"type": "python", "text": "1+1"}, {"type": "text", "text": "x"}]}],
+        "python call with no tool output",
+    ),
     ([U, {"role": "assistant", "content": "", "tool_calls": call("1+1")}], "ends with a tool call"),
-    ([U, {"role": "assistant", "content": "", "tool_calls": call("1+1")}, {"role": "tool", "content": "2"}],
-     "ends on a tool output"),
-    ([U, {"role": "assistant", "content": "", "tool_calls": call(" ")}, {"role": "tool", "content": "2"}, A],
-     "empty python call"),
+    (
+        [U, {"role": "assistant", "content": "", "tool_calls": call("1+1")}, {"role": "tool", "content": "2"}],
+        "ends on a tool output",
+    ),
+    (
+        [U, {"role": "assistant", "content": "", "tool_calls": call(" ")}, {"role": "tool", "content": "2"}, A],
+        "empty python call",
+    ),
     ([{"role": "user", "content": "  "}, A], "empty message"),
     ([U, {"role": "assistant", "content": ""}], "empty assistant turn"),
     ([U, A, U], "ends with a user message"),
@@ -125,14 +156,18 @@ def test_malformed_conversations_raise(messages, error):
 def test_render_mc_is_nanochats_prompt():
     assert tasks.render_mc("Capital of France?", "AB", ["Paris", "Rome"]) == (
         "Multiple Choice question: Capital of France?\n- Paris=A\n- Rome=B\n\n"
-        "Respond only with the letter of the correct answer.")
+        "Respond only with the letter of the correct answer."
+    )
 
 
 # -- sources ----------------------------------------------------------------------------------------------------------
 
+
 def test_gsm8k_marks_become_calculator_calls():
-    answer = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-              "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+    answer = (
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+        "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+    )
     messages = tasks.to_messages(tasks.gsm8k_conversation("How many clips?", answer))
     assert messages == [
         {"role": "user", "content": "How many clips?"},
@@ -170,17 +205,22 @@ def test_real_gsm8k_renders_like_nanochat(tok):
     for row in data.select(range(300)):
         messages = row["messages"]
         question = messages[0]["content"]
-        reference = [{"role": "user", "content": question},
-                     {"role": "assistant", "content": nanochat_parts(by_question[question])}]
+        reference = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": nanochat_parts(by_question[question])},
+        ]
         assert template(tok, messages) == render_conversation(tok, reference)
         assert re.search(r"#### -?[\d,.]+$", messages[-1]["content"])  # the answer line stays text
 
 
 def test_gsm8k_and_smoltalk_from_local_jsonl(tmp_path, caplog):
-    gsm = write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [
-        {"question": "2+2?", "answer": "It is <<2+2=4>>4.\n#### 4"},
-        {"question": "", "answer": "#### 1"},  # empty question: skipped
-    ])
+    gsm = write_jsonl(
+        tmp_path / "gsm8k" / "train.jsonl",
+        [
+            {"question": "2+2?", "answer": "It is <<2+2=4>>4.\n#### 4"},
+            {"question": "", "answer": "#### 1"},  # empty question: skipped
+        ],
+    )
     write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "1+1?", "answer": "<<1+1=2>>2\n#### 2"}])
     with caplog.at_level(logging.WARNING):
         assert len(tasks.gsm8k(source=str(gsm.parent))) == 1
@@ -188,8 +228,13 @@ def test_gsm8k_and_smoltalk_from_local_jsonl(tmp_path, caplog):
     assert "GSM8K main: skipped 1 of 2 conversations" in caplog.text
 
     good = [[U, A], [{"role": "system", "content": "sys"}, U, A, U, A]]
-    bad = [[U, U, A], [{"role": "user", "content": ""}, A], [{"content": "x"}, A],
-           [U, {"role": "assistant", "content": "<|user_start|>"}], [U]]
+    bad = [
+        [U, U, A],
+        [{"role": "user", "content": ""}, A],
+        [{"content": "x"}, A],
+        [U, {"role": "assistant", "content": "<|user_start|>"}],
+        [U],
+    ]
     path = write_jsonl(tmp_path / "smol" / "train.jsonl", [{"messages": m} for m in good * 3 + bad])
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -203,7 +248,8 @@ def test_mmlu_rows_wrapped_or_flat(tmp_path, caplog):
     row = {"question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": 1, "subject": "math"}
     folder = tmp_path / "mmlu"
     datasets.Dataset.from_list([{"train": row}, {"train": {**row, "answer": 9}}]).to_parquet(
-        str(folder / "auxiliary_train" / "train-00000-of-00001.parquet"))
+        str(folder / "auxiliary_train" / "train-00000-of-00001.parquet")
+    )
     with caplog.at_level(logging.WARNING):
         data = tasks.mmlu(source=str(folder))
     assert "skipped 1 of 2" in caplog.text
@@ -215,10 +261,18 @@ def test_mmlu_rows_wrapped_or_flat(tmp_path, caplog):
 
 def test_arc_from_a_hub_snapshot(tmp_path):
     rows = [
-        {"id": "1", "question": "Which is a star?", "choices": {"text": ["Sun", "Moon", "Mars", "Venus"],
-                                                               "label": ["A", "B", "C", "D"]}, "answerKey": "A"},
-        {"id": "2", "question": "Pick two", "choices": {"text": ["one", "two", "three"], "label": ["1", "2", "3"]},
-         "answerKey": "2"},
+        {
+            "id": "1",
+            "question": "Which is a star?",
+            "choices": {"text": ["Sun", "Moon", "Mars", "Venus"], "label": ["A", "B", "C", "D"]},
+            "answerKey": "A",
+        },
+        {
+            "id": "2",
+            "question": "Pick two",
+            "choices": {"text": ["one", "two", "three"], "label": ["1", "2", "3"]},
+            "answerKey": "2",
+        },
         {"id": "3", "question": "Broken", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "E"},
     ]
     for subset in ("ARC-Easy", "ARC-Challenge"):
@@ -245,6 +299,7 @@ def test_missing_columns_and_paths_raise(tmp_path):
 
 
 # -- generated tasks -------------------------------------------------------------------------------------------------
+
 
 def test_identity_is_deterministic_named_and_valid(tmp_path):
     def identity(seed):
@@ -290,15 +345,19 @@ def test_spelling_tasks(tok):
 
 def test_spelling_train_and_test_words_are_disjoint():
     def spelled(split, words=None):
-        return {conv[0]["content"].removeprefix("Spell the word: ")
-                for conv in tasks.simple_spelling(2000, split, words=words)["messages"]}
+        return {
+            conv[0]["content"].removeprefix("Spell the word: ")
+            for conv in tasks.simple_spelling(2000, split, words=words)["messages"]
+        }
 
     train, test = spelled("train"), spelled("test")
     assert train and test and not train & test
     # 2,000 draws reach nearly every word of each split: the embedded list is small
     assert len(train | test) > 0.95 * len(set(tasks.spelling.WORDS)) and len(test) < 0.2 * len(train | test)
-    bee_words = {re.search(r"'([a-z]+)'\.count", conv[1]["tool_calls"][0]["function"]["arguments"]["code"])[1]
-                 for conv in tasks.spelling_bee(300, "test")["messages"]}
+    bee_words = {
+        re.search(r"'([a-z]+)'\.count", conv[1]["tool_calls"][0]["function"]["arguments"]["code"])[1]
+        for conv in tasks.spelling_bee(300, "test")["messages"]
+    }
     assert bee_words <= test
     # a stable hash: the same words land in test on any machine ("there" is one, "the" is not)
     assert spelled("test", ["the", "there"]) == {"there"}
@@ -307,6 +366,7 @@ def test_spelling_train_and_test_words_are_disjoint():
 
 
 # -- user data, length, mixtures ---------------------------------------------------------------------------------------
+
 
 def test_user_jsonl_is_strict(tmp_path):
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"messages": [U, A]}, [U, A, U, A], VALID["parts"]])
@@ -327,8 +387,9 @@ def test_user_jsonl_is_strict(tmp_path):
 
 def test_drop_long_skips_or_raises(tok, caplog):
     long = [U, {"role": "assistant", "content": "ka lo mi " * 100}]
-    data = datasets.Dataset.from_dict({"messages": [tasks.to_messages(c) for c in ([U, A], long, [U, A])]},
-                                      features=tasks.FEATURES)
+    data = datasets.Dataset.from_dict(
+        {"messages": [tasks.to_messages(c) for c in ([U, A], long, [U, A])]}, features=tasks.FEATURES
+    )
     with caplog.at_level(logging.WARNING):
         assert len(tasks.drop_long(data, tok, 64, "fixture")) == 2
     assert "fixture: skipped 1 of 3 conversations" in caplog.text and "more than the context of 64" in caplog.text

@@ -276,8 +276,9 @@ def test_template_accepts_conversations_read_through_datasets(tok, monkeypatch):
     rows = datasets.Dataset.from_list([{"messages": CONVERSATIONS[n]} for n in ("tool_calls", "two_tool_calls")])
     for row, name in zip(rows, ("tool_calls", "two_tool_calls")):
         assert any(m.get("tool_calls", 0) is None for m in row["messages"])  # the Nones are really there
-        out = tok.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=True)
+        out = tok.apply_chat_template(
+            row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         assert (out["input_ids"], out["assistant_masks"]) == render_conversation(tok, CONVERSATIONS[name])
 
 

@@ -48,14 +48,24 @@ from hfnanochat.sft_utils import (
 
 PRESETS = {
     # offline and CPU-sized: the generated tasks only, 128 conversations, 256-token rows, 8 rows per step
-    "tiny": dict(recipe=False, identity=True, spelling=True, max_rows=128, max_seq_len=256, device_batch_size=4,
-                 total_batch_size=8 * 256, save_every=0, num_proc=1),
+    "tiny": dict(
+        recipe=False,
+        identity=True,
+        spelling=True,
+        max_rows=128,
+        max_seq_len=256,
+        device_batch_size=4,
+        total_batch_size=8 * 256,
+        save_every=0,
+        num_proc=1,
+    ),
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults for a tier; explicit flags win")
     add_common_arguments(p, adamw_lr=1e-4)  # AdamW's usual rate for continued pretraining
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per GPU per micro-step")
@@ -76,14 +86,23 @@ def load_data(args):
     parts = []
     if args.recipe and not args.data:
         parts = [  # (name, conversations in the full recipe, load(stop))
-            ("SmolTalk", 460_000, lambda stop: tasks.smoltalk("train", stop=stop, num_proc=num_proc,
-                                                              **sources["smoltalk"])),
+            (
+                "SmolTalk",
+                460_000,
+                lambda stop: tasks.smoltalk("train", stop=stop, num_proc=num_proc, **sources["smoltalk"]),
+            ),
             # multiple-choice questions from ARC, MC_TEST, OBQA, RACE
-            ("MMLU", 100_000, lambda stop: tasks.mmlu("auxiliary_train", "train", stop=stop, num_proc=num_proc,
-                                                      **sources["mmlu"])),
+            (
+                "MMLU",
+                100_000,
+                lambda stop: tasks.mmlu("auxiliary_train", "train", stop=stop, num_proc=num_proc, **sources["mmlu"]),
+            ),
             # math problems that teach the calculator tool
-            ("GSM8K", 8_000, lambda stop: tasks.gsm8k("main", "train", stop=stop, num_proc=num_proc,
-                                                      **sources["gsm8k"])),
+            (
+                "GSM8K",
+                8_000,
+                lambda stop: tasks.gsm8k("main", "train", stop=stop, num_proc=num_proc, **sources["gsm8k"]),
+            ),
         ]
     parts += extra_parts(args, identity_copies=2, spelling_sizes=(200_000, 80_000))
     return tasks.mixture([part for _, part in load_parts(parts, args.max_rows)], limit=args.max_rows)
@@ -100,22 +119,34 @@ def build(args):
     world = world_size()
     tokens_per_micro = args.device_batch_size * args.max_seq_len * world
     if args.total_batch_size % tokens_per_micro:
-        raise ValueError(f"--total-batch-size {args.total_batch_size} is not divisible by device batch "
-                         f"{args.device_batch_size} x seq {args.max_seq_len} x {world} processes")
+        raise ValueError(
+            f"--total-batch-size {args.total_batch_size} is not divisible by device batch "
+            f"{args.device_batch_size} x seq {args.max_seq_len} x {world} processes"
+        )
     trainer_kwargs, optimizer_config = optimizer_options(args, lr_scale=1.0)  # the base model's rates
     config = SFTConfig(
-        **run_options(args, out), **optimizer_config,
+        **run_options(args, out),
+        **optimizer_config,
         per_device_train_batch_size=args.device_batch_size,
         gradient_accumulation_steps=args.total_batch_size // tokens_per_micro,
-        packing=True, packing_strategy="wrapped",  # one stream cut into rows, like nanochat's mid-training loader
-        assistant_only_loss=args.assistant_only, completion_only_loss=False,
+        packing=True,
+        packing_strategy="wrapped",  # one stream cut into rows, like nanochat's mid-training loader
+        assistant_only_loss=args.assistant_only,
+        completion_only_loss=False,
     )
     with config.main_process_first(desc="conversations"):  # rank 0 fills the datasets cache, the others read it
         data = load_data(args)
     metrics = MetricsCallback(out / "metrics.jsonl")
-    trainer = NanochatSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                                 callbacks=[metrics], warmdown_ratio=args.warmdown_ratio,
-                                 momentum_warmup_steps=args.momentum_warmup_steps, **trainer_kwargs)
+    trainer = NanochatSFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[metrics],
+        warmdown_ratio=args.warmdown_ratio,
+        momentum_warmup_steps=args.momentum_warmup_steps,
+        **trainer_kwargs,
+    )
     return trainer, data, metrics
 
 
@@ -125,11 +156,13 @@ def main(argv=None):
     resume = resume_checkpoint(args, out)
     trainer, data, metrics = build(args)
     accelerator = trainer.accelerator
-    accelerator.print(f"mid-training on {len(data):,} conversations -> {len(trainer.train_dataset):,} rows of "
-                      f"{args.max_seq_len} tokens, {args.total_batch_size:,} tokens per step "
-                      f"({'assistant tokens' if args.assistant_only else 'all tokens'} trained) | "
-                      f"{accelerator.num_processes} process(es), gradient accumulation "
-                      f"{trainer.args.gradient_accumulation_steps}")
+    accelerator.print(
+        f"mid-training on {len(data):,} conversations -> {len(trainer.train_dataset):,} rows of "
+        f"{args.max_seq_len} tokens, {args.total_batch_size:,} tokens per step "
+        f"({'assistant tokens' if args.assistant_only else 'all tokens'} trained) | "
+        f"{accelerator.num_processes} process(es), gradient accumulation "
+        f"{trainer.args.gradient_accumulation_steps}"
+    )
     train_and_save(trainer, metrics, resume, out)
 
 

@@ -123,16 +123,24 @@ def parse_args(argv=None):
     # evaluation, checkpoints, logging
     p.add_argument("--eval-every", type=int, default=250, help="validation bpb every N steps (0: only at the end)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
-    p.add_argument("--eval-device-batch-size", type=int, default=None,
-                   help="rows per evaluation forward (default: --device-batch-size; lower it for a small corpus)")
+    p.add_argument(
+        "--eval-device-batch-size",
+        type=int,
+        default=None,
+        help="rows per evaluation forward (default: --device-batch-size; lower it for a small corpus)",
+    )
     p.add_argument("--sample-every", type=int, default=2000, help="greedy samples from fixed prompts")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep")
     p.add_argument("--resume", nargs="?", const="latest", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--out", default="out/pretrain")
     p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none")
-    p.add_argument("--activation-memory-budget", type=float, default=1.0,
-                   help="compiled runs: fraction of activation memory to keep (below 1 recomputes some in backward)")
+    p.add_argument(
+        "--activation-memory-budget",
+        type=float,
+        default=1.0,
+        help="compiled runs: fraction of activation memory to keep (below 1 recomputes some in backward)",
+    )
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on GPU)"
     )

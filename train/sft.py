@@ -45,20 +45,34 @@ from hfnanochat.sft_utils import (
 
 PRESETS = {
     # offline and CPU-sized: the generated tasks only, 64 conversations of at most 256 tokens, 8 per step
-    "tiny": dict(recipe=False, identity=True, spelling=True, max_rows=64, max_seq_len=256, device_batch_size=4,
-                 examples_per_step=8, save_every=0, num_proc=1),
+    "tiny": dict(
+        recipe=False,
+        identity=True,
+        spelling=True,
+        max_rows=64,
+        max_seq_len=256,
+        device_batch_size=4,
+        examples_per_step=8,
+        save_every=0,
+        num_proc=1,
+    ),
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults for a tier; explicit flags win")
     add_common_arguments(p, adamw_lr=2e-5)  # TRL's default fine-tuning rate
     p.add_argument("--device-batch-size", type=int, default=4, help="conversations per GPU per micro-step")
     p.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step")
-    p.add_argument("--lr-scale", type=float, default=None,
-                   help="--optimizer muon: every rate is this x the base model's (default 0.02, the seed's)")
+    p.add_argument(
+        "--lr-scale",
+        type=float,
+        default=None,
+        help="--optimizer muon: every rate is this x the base model's (default 0.02, the seed's)",
+    )
     preset = p.parse_known_args(argv)[0].preset
     if preset:
         p.set_defaults(**PRESETS[preset])
@@ -72,21 +86,35 @@ def load_data(args, tokenizer):
     parts = []
     if args.recipe and not args.data:
         parts = [  # (name, conversations in the full recipe, load(stop))
-            ("ARC-Easy", 2_300, lambda stop: tasks.arc("ARC-Easy", "train", stop=stop, num_proc=num_proc,
-                                                       **sources["arc"])),
-            ("ARC-Challenge", 1_100, lambda stop: tasks.arc("ARC-Challenge", "train", stop=stop, num_proc=num_proc,
-                                                            **sources["arc"])),
+            (
+                "ARC-Easy",
+                2_300,
+                lambda stop: tasks.arc("ARC-Easy", "train", stop=stop, num_proc=num_proc, **sources["arc"]),
+            ),
+            (
+                "ARC-Challenge",
+                1_100,
+                lambda stop: tasks.arc("ARC-Challenge", "train", stop=stop, num_proc=num_proc, **sources["arc"]),
+            ),
             # math problems with calculator calls
-            ("GSM8K", 8_000, lambda stop: tasks.gsm8k("main", "train", stop=stop, num_proc=num_proc,
-                                                      **sources["gsm8k"])),
+            (
+                "GSM8K",
+                8_000,
+                lambda stop: tasks.gsm8k("main", "train", stop=stop, num_proc=num_proc, **sources["gsm8k"]),
+            ),
             # the first 10K of SmolTalk's 460K general conversations
-            ("SmolTalk", 10_000, lambda stop: tasks.smoltalk("train", stop=stop or 10_000, num_proc=num_proc,
-                                                             **sources["smoltalk"])),
+            (
+                "SmolTalk",
+                10_000,
+                lambda stop: tasks.smoltalk("train", stop=stop or 10_000, num_proc=num_proc, **sources["smoltalk"]),
+            ),
         ]
     parts += extra_parts(args, identity_copies=1, spelling_sizes=(300, 300))
     # a public conversation too long for a row is skipped and counted; one in your own file is an error
-    parts = [tasks.drop_long(part, tokenizer, args.max_seq_len, name, strict=name in (args.data or []),
-                             num_proc=num_proc) for name, part in load_parts(parts, args.max_rows)]
+    parts = [
+        tasks.drop_long(part, tokenizer, args.max_seq_len, name, strict=name in (args.data or []), num_proc=num_proc)
+        for name, part in load_parts(parts, args.max_rows)
+    ]
     return tasks.mixture(parts, limit=args.max_rows)
 
 
@@ -101,14 +129,17 @@ def build(args):
     world = world_size()
     per_micro = args.device_batch_size * world
     if args.examples_per_step % per_micro:
-        raise ValueError(f"--examples-per-step {args.examples_per_step} is not divisible by device batch "
-                         f"{args.device_batch_size} x {world} processes")
+        raise ValueError(
+            f"--examples-per-step {args.examples_per_step} is not divisible by device batch "
+            f"{args.device_batch_size} x {world} processes"
+        )
     if args.lr_scale is not None and (args.lora or args.optimizer == "adamw"):
         raise ValueError("--lr-scale scales the Muon + AdamW rates; AdamW alone (--optimizer adamw, --lora) takes --lr")
     lr_scale = 0.02 if args.lr_scale is None else args.lr_scale
     trainer_kwargs, optimizer_config = optimizer_options(args, lr_scale=lr_scale)
     config = SFTConfig(
-        **run_options(args, out), **optimizer_config,
+        **run_options(args, out),
+        **optimizer_config,
         per_device_train_batch_size=args.device_batch_size,
         gradient_accumulation_steps=args.examples_per_step // per_micro,
         packing=False,  # one conversation per row, right-padded
@@ -118,8 +149,16 @@ def build(args):
         data = load_data(args, tokenizer)
     metrics = MetricsCallback(out / "metrics.jsonl")
     # warm-down over every step = nanochat's `1 - step / num_iterations`; momentum warm-up 0 = fixed 0.95
-    trainer = NanochatSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                                 callbacks=[metrics], warmdown_ratio=1.0, momentum_warmup_steps=0, **trainer_kwargs)
+    trainer = NanochatSFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[metrics],
+        warmdown_ratio=1.0,
+        momentum_warmup_steps=0,
+        **trainer_kwargs,
+    )
     return trainer, data, metrics
 
 
@@ -129,9 +168,11 @@ def main(argv=None):
     resume = resume_checkpoint(args, out)
     trainer, data, metrics = build(args)
     accelerator = trainer.accelerator
-    accelerator.print(f"SFT on {len(data):,} conversations, {args.examples_per_step} per step | "
-                      f"{accelerator.num_processes} process(es), gradient accumulation "
-                      f"{trainer.args.gradient_accumulation_steps}")
+    accelerator.print(
+        f"SFT on {len(data):,} conversations, {args.examples_per_step} per step | "
+        f"{accelerator.num_processes} process(es), gradient accumulation "
+        f"{trainer.args.gradient_accumulation_steps}"
+    )
     train_and_save(trainer, metrics, resume, out)
 
 

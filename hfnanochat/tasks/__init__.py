@@ -23,7 +23,22 @@ from .smoltalk import smoltalk
 from .spelling import simple_spelling, spelling_bee
 
 __all__ = [
-    "FEATURES", "arc", "arc_conversation", "conversations", "drop_long", "gsm8k", "gsm8k_conversation", "identity",
-    "jsonl_conversations", "load_split", "mixture", "mmlu", "mmlu_conversation", "render_mc", "simple_spelling",
-    "smoltalk", "spelling_bee", "to_messages",
+    "FEATURES",
+    "arc",
+    "arc_conversation",
+    "conversations",
+    "drop_long",
+    "gsm8k",
+    "gsm8k_conversation",
+    "identity",
+    "jsonl_conversations",
+    "load_split",
+    "mixture",
+    "mmlu",
+    "mmlu_conversation",
+    "render_mc",
+    "simple_spelling",
+    "smoltalk",
+    "spelling_bee",
+    "to_messages",
 ]

@@ -9,12 +9,22 @@ SOURCE = "allenai/ai2_arc"
 def arc_conversation(question: str, labels: list[str], texts: list[str], answer: str) -> dict:
     if answer not in labels:
         raise ValueError(f"ARC answer {answer!r} is not one of the labels {labels}")
-    return {"messages": [{"role": "user", "content": render_mc(question, labels, texts)},
-                         {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [
+            {"role": "user", "content": render_mc(question, labels, texts)},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
-def arc(subset: str = "ARC-Easy", split: str = "train", *, source: str = SOURCE, stop: int | None = None,
-        num_proc: int | None = None):
+def arc(
+    subset: str = "ARC-Easy",
+    split: str = "train",
+    *,
+    source: str = SOURCE,
+    stop: int | None = None,
+    num_proc: int | None = None,
+):
     if subset not in ("ARC-Easy", "ARC-Challenge"):
         raise ValueError(f"ARC subset must be ARC-Easy or ARC-Challenge, got {subset!r}")
     rows = load_split(source, split, subset)

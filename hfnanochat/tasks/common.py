@@ -66,8 +66,10 @@ def to_messages(conversation) -> list[dict]:
         for _, text in parts:
             for token in SPECIAL_TOKENS:
                 if token in text:
-                    raise ValueError(where + f"the text spells the special token {token}, which the chat template "
-                                     "would turn into the token itself (nanochat keeps it as text)")
+                    raise ValueError(
+                        where + f"the text spells the special token {token}, which the chat template "
+                        "would turn into the token itself (nanochat keeps it as text)"
+                    )
         if role == "user":
             if not parts[0][1].strip():
                 raise ValueError(where + "empty message")
@@ -128,8 +130,10 @@ def load_split(source: str, split: str, name: str | None = None) -> datasets.Dat
     elif path.is_dir():
         files = _split_files(path, name, split)
         if not files:
-            raise ValueError(f"{source}: no {split!r} files (expected {split}.jsonl, {split}-*.parquet or a {split}/ "
-                             f"folder{f', under {name}/' if name else ''})")
+            raise ValueError(
+                f"{source}: no {split!r} files (expected {split}.jsonl, {split}-*.parquet or a {split}/ "
+                f"folder{f', under {name}/' if name else ''})"
+            )
     elif path.suffix in LOCAL_KINDS or source.startswith(("/", ".", "~")):
         raise ValueError(f"data path {source!r} does not exist")
     else:
@@ -146,8 +150,10 @@ def load_split(source: str, split: str, name: str | None = None) -> datasets.Dat
 def require_columns(rows: datasets.Dataset, columns, name: str) -> None:
     missing = [c for c in columns if c not in rows.column_names]
     if missing:
-        raise ValueError(f"{name}: the dataset has columns {rows.column_names}, but this task needs {list(columns)} "
-                         f"(missing {missing})")
+        raise ValueError(
+            f"{name}: the dataset has columns {rows.column_names}, but this task needs {list(columns)} "
+            f"(missing {missing})"
+        )
 
 
 def first(rows: datasets.Dataset, stop: int | None) -> datasets.Dataset:
@@ -165,12 +171,15 @@ def _report(problems: list, name: str, total: int, strict: bool) -> None:
         more = f" ({len(bad) - 1} more bad conversations after it)" if len(bad) > 1 else ""
         raise ValueError(f"{name}: conversation {i} (0-based, in file order): {problem}{more}")
     reasons = Counter(p for _, p in bad).most_common(3)
-    logger.warning(f"{name}: skipped {len(bad):,} of {total:,} conversations; most common: "
-                   + "; ".join(f"{n:,}x {p}" for p, n in reasons))
+    logger.warning(
+        f"{name}: skipped {len(bad):,} of {total:,} conversations; most common: "
+        + "; ".join(f"{n:,}x {p}" for p, n in reasons)
+    )
 
 
-def conversations(rows: datasets.Dataset, convert: Callable[[dict], object], name: str, *,
-                  num_proc: int | None = None) -> datasets.Dataset:
+def conversations(
+    rows: datasets.Dataset, convert: Callable[[dict], object], name: str, *, num_proc: int | None = None
+) -> datasets.Dataset:
     """Map source rows through `convert` (row -> a conversation in any accepted form) and `to_messages`; a row whose
     conversion raises ValueError is skipped and counted in the log. Returns a Dataset with one `messages` column in
     the canonical format."""
@@ -186,8 +195,14 @@ def conversations(rows: datasets.Dataset, convert: Callable[[dict], object], nam
                 out["problem"].append(str(e))
         return out
 
-    checked = rows.map(check, batched=True, remove_columns=rows.column_names, features=_CHECKED, num_proc=num_proc,
-                       desc=f"{name}: checking conversations")
+    checked = rows.map(
+        check,
+        batched=True,
+        remove_columns=rows.column_names,
+        features=_CHECKED,
+        num_proc=num_proc,
+        desc=f"{name}: checking conversations",
+    )
     _report(checked["problem"], name, len(checked), strict=False)
     return checked.filter(lambda p: p is None, input_columns="problem", num_proc=num_proc).remove_columns("problem")
 
@@ -207,8 +222,9 @@ def from_conversations(items, name: str) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"messages": messages}, features=FEATURES)
 
 
-def drop_long(rows: datasets.Dataset, tokenizer, max_tokens: int, name: str, *, strict: bool = False,
-              num_proc: int | None = None) -> datasets.Dataset:
+def drop_long(
+    rows: datasets.Dataset, tokenizer, max_tokens: int, name: str, *, strict: bool = False, num_proc: int | None = None
+) -> datasets.Dataset:
     """Conversations longer than `max_tokens` (rendered with `render_conversation`, whose ids equal the template's).
     nanochat crops them, which can cut the answer off; a padded-row stage drops them instead (strict: raises)."""
 
@@ -216,11 +232,14 @@ def drop_long(rows: datasets.Dataset, tokenizer, max_tokens: int, name: str, *, 
         return {"num_tokens": [len(render_conversation(tokenizer, m, sys.maxsize)[0]) for m in batch["messages"]]}
 
     measured = rows.map(lengths, batched=True, num_proc=num_proc, desc=f"{name}: measuring")
-    too_long = [f"{n:,} tokens, more than the context of {max_tokens:,}" if n > max_tokens else None
-                for n in measured["num_tokens"]]
+    too_long = [
+        f"{n:,} tokens, more than the context of {max_tokens:,}" if n > max_tokens else None
+        for n in measured["num_tokens"]
+    ]
     _report(too_long, name, len(rows), strict)
-    return measured.filter(lambda n: n <= max_tokens, input_columns="num_tokens",
-                           num_proc=num_proc).remove_columns("num_tokens")
+    return measured.filter(lambda n: n <= max_tokens, input_columns="num_tokens", num_proc=num_proc).remove_columns(
+        "num_tokens"
+    )
 
 
 def mixture(parts: list[datasets.Dataset], limit: int | None = None, seed: int = 42) -> datasets.Dataset:

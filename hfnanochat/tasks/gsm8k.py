@@ -24,9 +24,19 @@ def gsm8k_conversation(question: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
 
 
-def gsm8k(subset: str = "main", split: str = "train", *, source: str = SOURCE, stop: int | None = None,
-          num_proc: int | None = None):
+def gsm8k(
+    subset: str = "main",
+    split: str = "train",
+    *,
+    source: str = SOURCE,
+    stop: int | None = None,
+    num_proc: int | None = None,
+):
     rows = load_split(source, split, subset)
     require_columns(rows, ["question", "answer"], f"GSM8K {subset}/{split} ({source})")
-    return conversations(first(rows, stop), lambda row: gsm8k_conversation(row["question"], row["answer"]),
-                         f"GSM8K {subset}", num_proc=num_proc)
+    return conversations(
+        first(rows, stop),
+        lambda row: gsm8k_conversation(row["question"], row["answer"]),
+        f"GSM8K {subset}",
+        num_proc=num_proc,
+    )

@@ -12,8 +12,12 @@ def mmlu_conversation(question: str, choices: list[str], answer: int) -> dict:
         raise ValueError(f"MMLU rows have 4 choices, this one has {len(choices)}")
     if not isinstance(answer, int) or not 0 <= answer < len(LETTERS):
         raise ValueError(f"MMLU answer must be an index 0-3, got {answer!r}")
-    return {"messages": [{"role": "user", "content": render_mc(question, LETTERS, choices)},
-                         {"role": "assistant", "content": LETTERS[answer]}]}
+    return {
+        "messages": [
+            {"role": "user", "content": render_mc(question, LETTERS, choices)},
+            {"role": "assistant", "content": LETTERS[answer]},
+        ]
+    }
 
 
 def _convert(row: dict) -> dict:
@@ -22,8 +26,14 @@ def _convert(row: dict) -> dict:
     return mmlu_conversation(row["question"], row["choices"], row["answer"])
 
 
-def mmlu(subset: str = "auxiliary_train", split: str = "train", *, source: str = SOURCE, stop: int | None = None,
-         num_proc: int | None = None):
+def mmlu(
+    subset: str = "auxiliary_train",
+    split: str = "train",
+    *,
+    source: str = SOURCE,
+    stop: int | None = None,
+    num_proc: int | None = None,
+):
     rows = load_split(source, split, subset)
     name = f"MMLU {subset}/{split} ({source})"
     if "train" not in rows.column_names:

@@ -113,23 +113,35 @@ def spelling_bee_conversation(rng: random.Random, words: list[str]) -> dict:
     if rng.random() < 0.5 and not question.endswith("?"):
         question += "?"
     # "3:r hit!" and never "3: r": " r" and "r" are different tokens, and the count must stay on the letter's token
-    steps = "".join(f"{i}:{c} hit! count={word[:i].count(letter)}\n" if c == letter else f"{i}:{c}\n"
-                    for i, c in enumerate(word, 1))
-    manual = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach first."
-              f"\n\nFirst spell the word out:\n{word}:{','.join(word)}\n\nThen count the occurrences of '{letter}':\n"
-              f"{steps}\nThis gives us {count}.")
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": [
-        {"type": "text", "text": manual + "\n\nLet me double check this using Python:\n\n"},
-        {"type": "python", "text": f"'{word}'.count('{letter}')"},
-        {"type": "python_output", "text": str(count)},
-        {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
-    ]}]}
+    steps = "".join(
+        f"{i}:{c} hit! count={word[:i].count(letter)}\n" if c == letter else f"{i}:{c}\n" for i, c in enumerate(word, 1)
+    )
+    manual = (
+        f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach first."
+        f"\n\nFirst spell the word out:\n{word}:{','.join(word)}\n\nThen count the occurrences of '{letter}':\n"
+        f"{steps}\nThis gives us {count}."
+    )
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": manual + "\n\nLet me double check this using Python:\n\n"},
+                    {"type": "python", "text": f"'{word}'.count('{letter}')"},
+                    {"type": "python_output", "text": str(count)},
+                    {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
+                ],
+            },
+        ]
+    }
 
 
 def spelling_bee(size: int = 1000, split: str = "train", *, seed: int = 0, words=None):
     words = _words(words, split)
-    return from_conversations((spelling_bee_conversation(_rng("bee", seed, split, i), words) for i in range(size)),
-                              "SpellingBee")
+    return from_conversations(
+        (spelling_bee_conversation(_rng("bee", seed, split, i), words) for i in range(size)), "SpellingBee"
+    )
 
 
 def simple_spelling(size: int = 1000, split: str = "train", *, seed: int = 0, words=None):
@@ -137,6 +149,12 @@ def simple_spelling(size: int = 1000, split: str = "train", *, seed: int = 0, wo
     items = []
     for i in range(size):
         word = _rng("spell", seed, split, i).choice(words)
-        items.append({"messages": [{"role": "user", "content": f"Spell the word: {word}"},
-                                   {"role": "assistant", "content": f"{word}:{','.join(word)}"}]})
+        items.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Spell the word: {word}"},
+                    {"role": "assistant", "content": f"{word}:{','.join(word)}"},
+                ]
+            }
+        )
     return from_conversations(items, "SimpleSpelling")
