@@ -35,7 +35,7 @@ if [ "$have_gpu" -gt 0 ] && [ "$have_hub" = 1 ]; then
 else
     echo "== no GPU or no Hub access: offline tiny preset (a smoke run, not a useful model)"
     export HF_HUB_OFFLINE=1
-    python -m hfnanochat.offline_data "$OUT/offline_corpus.txt"
+    python -m hfnanochat.training.offline_data "$OUT/offline_corpus.txt"
     python train/tokenizer.py --data "$OUT/offline_corpus.txt" --vocab-size 4096 --out "$OUT/tokenizer"
     accelerate launch --cpu --num_processes 1 --mixed_precision no train/pretrain.py \
         --preset tiny --data "$OUT/offline_corpus.txt" --tokenizer "$OUT/tokenizer" --out "$OUT/pretrain"

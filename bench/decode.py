@@ -29,8 +29,8 @@ import time
 import torch
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth
-from hfnanochat.engine import Engine
-from hfnanochat.metrics import append_jsonl
+from hfnanochat.inference.engine import Engine
+from hfnanochat.training.metrics import append_jsonl
 
 CONFIGS = [("engine", "dynamic"), ("engine", "static"), ("generate", "dynamic"), ("generate", "static")]
 

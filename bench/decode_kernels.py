@@ -1,4 +1,4 @@
-"""The decode kernels of `hfnanochat.decode_kernels` against cuBLAS and SDPA, shape by shape, over launch configs.
+"""The decode kernels of `hfnanochat.inference.decode_kernels` against cuBLAS and SDPA, shape by shape, over launch configs.
 
     python bench/decode_kernels.py              # d20 shapes: the GEMVs of a block and the head, one-query attention
     python bench/decode_kernels.py --quick      # only the configs the library picks
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from hfnanochat import decode_kernels as dk
+from hfnanochat.inference import decode_kernels as dk
 
 
 def time_graph(launch, n_layers: int, replays: int = 50) -> float:

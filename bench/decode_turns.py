@@ -18,7 +18,7 @@ import torch
 from torch._inductor import cudagraph_trees
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth
-from hfnanochat.engine import Engine
+from hfnanochat.inference.engine import Engine
 
 
 def main():

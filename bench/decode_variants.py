@@ -6,7 +6,7 @@
 
 Variants, each slower than `shipped` when measured (docs/benchmarks.md). `cublas` and `update` switch off a part of
 the library; the others patch in alternatives that are not in it:
-- cublas: without the Triton decode kernels (`hfnanochat.decode_kernels`): cuBLAS GEMMs, separate norms and adds,
+- cublas: without the Triton decode kernels (`hfnanochat.inference.decode_kernels`): cuBLAS GEMMs, separate norms and adds,
   SDPA, the engine as it was before them;
 - update: the decode kernels, but each layer writes its cache through transformers' `StaticLayer.update` (Inductor's
   rotary/norm kernel, the cache write, a length bump per layer) instead of `decode_attention_in_place`;
@@ -30,7 +30,7 @@ from transformers import CompileConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth, modeling_hfnanochat
-from hfnanochat.engine import Engine
+from hfnanochat.inference.engine import Engine
 
 VARIANTS = {"shipped", "cublas", "update", "gemv", "onequery", "combo", "autotune", "cdt", "noguards"}
 

@@ -17,8 +17,8 @@ import torch
 from accelerate import Accelerator
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth
-from hfnanochat.metrics import append_jsonl, peak_flops
-from hfnanochat.optim import apply_schedule, build_optimizer
+from hfnanochat.training.metrics import append_jsonl, peak_flops
+from hfnanochat.training.optim import apply_schedule, build_optimizer
 
 
 def main():

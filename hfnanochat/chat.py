@@ -27,7 +27,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .engine import Engine
+from .inference.engine import Engine
 from .tokenizer import get_special_token_ids, render_for_completion
 
 

@@ -16,7 +16,6 @@ default), `labels` -> shifted loss with ignore index -100, `logits_to_keep`, a b
 `last_hidden_state` so TRL's fused LM head reproduces our loss.
 """
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -24,19 +23,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, StaticLayer
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hfnanochat import HFNanoChatConfig
-from .decode_kernels import available as decode_kernels_available
-from .decode_kernels import decode_attention, decode_attention_in_place, gemv
-from .decode_kernels import prepare as prepare_decode_kernels
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x; our code
 # accepts both spellings and answers in the one this transformers expects.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def rope_position_limit(config: HFNanoChatConfig) -> int:
+    """Positions the RoPE tables cover: 10x the context, nanochat's own limit."""
+    return 10 * config.max_position_embeddings
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,7 +85,7 @@ class HFNanoChatRotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = config.head_dim
         self.base = float(config.rope_parameters.get("rope_theta", 10000.0))
-        self.max_positions = 10 * config.max_position_embeddings
+        self.max_positions = rope_position_limit(config)
         cos, sin = self.tables()
         self.register_buffer("cos_table", cos, persistent=False)
         self.register_buffer("sin_table", sin, persistent=False)
@@ -129,12 +130,6 @@ class HFNanoChatAttention(nn.Module):
         self.o_proj = _linear(self.num_heads * self.head_dim, d, "matrix_out")
         # 2026 value embeddings: a per-kv-head gate read from the first 12 channels of the block input.
         self.ve_gate = _linear(12, self.num_key_value_heads, "gate") if config.has_value_embedding(layer_idx) else None
-        # inference only (HFNanoChatPreTrainedModel.fast_decode): q, k and v from one GEMM over the stacked weights,
-        # and the Triton attention for one-token steps
-        self.qkv_sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
-        self.use_fused_qkv = False
-        self.decode_kernels = False
-        self.register_buffer("qkv_weight", None, persistent=False)
 
     def forward(
         self,
@@ -143,55 +138,41 @@ class HFNanoChatAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         value_embedding: torch.Tensor | None = None,
         cache: Cache | None = None,
-        cache_in_place: bool = False,
         **kwargs,
     ) -> torch.Tensor:
-        if self.use_fused_qkv and not torch.is_grad_enabled():
-            q, k, v = F.linear(hidden_states, self.qkv_weight).split(self.qkv_sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        out = self.attend(
-            q, k, v, hidden_states, position_embeddings, attention_mask, value_embedding, cache, cache_in_place,
-            **kwargs,
-        )  # fmt: skip
-        return self.o_proj(out)
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v = self.split_heads(q, k, v, hidden_states, value_embedding)
+        q, k = self.rotate_and_norm(q, k, position_embeddings)
+        return self.o_proj(self.attend(q, k, v, attention_mask, cache, **kwargs))
 
-    def attend(
-        self, q, k, v, gate_input, position_embeddings, attention_mask, value_embedding, cache, cache_in_place=False,
-        **kwargs,
-    ):  # fmt: skip
-        """Projected q, k, v (B, T, features) -> the attention output (B, T, H * hd) that o_proj reads: heads, value
-        embedding (its gate reads `gate_input`, the normed block input), RoPE, QK-norm, the cache, attention.
-
-        `cache_in_place` (set by HFNanoChatModel.forward for a decode step over a StaticCache with the decode kernels
-        on): RoPE, QK-norm, the cache write and the attention run as one kernel, and the layer's length is left for
-        the model to move on after the last layer."""
+    def split_heads(self, q, k, v, gate_input, value_embedding):
+        """Projected q, k, v (B, T, features) -> (B, T, heads, head_dim), with the 2026 value embedding added to v
+        (its gate reads `gate_input`, the normed block input)."""
         B, T, _ = q.shape
-        eps = self.config.rms_norm_eps
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_key_value_heads, self.head_dim)
         v = v.view(B, T, self.num_key_value_heads, self.head_dim)
         if value_embedding is not None:
             gate = 3 * torch.sigmoid(self.ve_gate(gate_input[..., :12]))  # (B, T, Hkv), in (0, 3)
             v = v + gate.unsqueeze(-1) * value_embedding.view(B, T, self.num_key_value_heads, self.head_dim)
+        return q, k, v
+
+    def rotate_and_norm(self, q, k, position_embeddings):
+        """RoPE first, then QK-norm: nanochat's order (the norm keeps attention logits bounded after rotation)."""
         cos, sin = position_embeddings
-        if cache_in_place:
-            layer = cache.layers[self.layer_idx]
-            return decode_attention_in_place(
-                q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length, attention_mask, eps,
-                self.config.qk_scale, self.scaling,
-            ).reshape(B, T, -1)  # fmt: skip
-        # RoPE first, then QK-norm: nanochat's order (the norm keeps attention logits bounded after rotation).
+        eps = self.config.rms_norm_eps
         q, k = rms_norm(apply_rotary(q, cos, sin), eps), rms_norm(apply_rotary(k, cos, sin), eps)
         if self.config.qk_scale != 1.0:
             q, k = q * self.config.qk_scale, k * self.config.qk_scale
+        return q, k
+
+    def attend(self, q, k, v, attention_mask, cache, **kwargs) -> torch.Tensor:
+        """(B, T, heads, head_dim) q, k, v -> the cache update and the attention function registered under
+        `config._attn_implementation` -> (B, T, H * hd), what o_proj reads."""
+        B, T = q.shape[:2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        boolean_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
-        if self.decode_kernels and T == 1 and boolean_mask:
-            # one new token over an SDPA-style mask (True = attend; it also hides a static cache's unwritten slots)
-            return decode_attention(q, k, v, attention_mask, self.scaling).reshape(B, T, -1)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -225,43 +206,12 @@ class HFNanoChatDecoderLayer(nn.Module):
         self.eps = config.rms_norm_eps
         self.self_attn = HFNanoChatAttention(config, layer_idx)
         self.mlp = HFNanoChatMLP(config)
-        self.decode_kernels = False  # set by HFNanoChatPreTrainedModel.fast_decode
 
-    def forward(
-        self, hidden_states, position_embeddings, attention_mask, value_embedding=None, cache=None,
-        cache_in_place=False, **kwargs,
-    ):  # fmt: skip
-        one_token = hidden_states.shape[:-1].numel() == 1 and not torch.is_grad_enabled()
-        # (under autocast the activations' dtype differs from fp32 weights: then the unfused ops below)
-        if self.decode_kernels and one_token and hidden_states.dtype == self.self_attn.qkv_weight.dtype:
-            return self._decode_one_token(
-                hidden_states, position_embeddings, attention_mask, value_embedding, cache, cache_in_place, **kwargs
-            )
+    def forward(self, hidden_states, position_embeddings, attention_mask, value_embedding=None, cache=None, **kwargs):
         hidden_states = hidden_states + self.self_attn(
-            rms_norm(hidden_states, self.eps), position_embeddings, attention_mask, value_embedding, cache,
-            cache_in_place, **kwargs,
-        )  # fmt: skip
-        return hidden_states + self.mlp(rms_norm(hidden_states, self.eps))
-
-    def _decode_one_token(
-        self, x, position_embeddings, attention_mask, value_embedding, cache, cache_in_place, **kwargs
-    ):  # fmt: skip
-        """The block for a single token with the Triton GEMVs of `decode_kernels`: each RMSNorm folds into the GEMV
-        that reads it, ReLU² and the residual adds into the GEMVs that produce them. Five kernels instead of ~15
-        when the cache is written in place (`cache_in_place`); otherwise the cache's own update adds its kernels."""
-        attn = self.self_attn
-        if attn.ve_gate is None:
-            gate_input, qkv = None, gemv(x, attn.qkv_weight, norm_eps=self.eps)
-        else:  # the value-embedding gate reads the normed input itself
-            gate_input = rms_norm(x, self.eps)
-            qkv = gemv(gate_input, attn.qkv_weight)
-        q, k, v = qkv.split(attn.qkv_sizes, dim=-1)
-        out = attn.attend(
-            q, k, v, gate_input, position_embeddings, attention_mask, value_embedding, cache, cache_in_place, **kwargs
+            rms_norm(hidden_states, self.eps), position_embeddings, attention_mask, value_embedding, cache, **kwargs
         )
-        x = gemv(out, attn.o_proj.weight, residual=x)
-        hidden = gemv(x, self.mlp.fc1.weight, norm_eps=self.eps, relu_square=True)
-        return gemv(hidden, self.mlp.fc2.weight, residual=x)
+        return hidden_states + self.mlp(rms_norm(hidden_states, self.eps))
 
 
 class HFNanoChatPreTrainedModel(PreTrainedModel):
@@ -276,63 +226,6 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
-
-    @contextlib.contextmanager
-    def fast_decode(self):
-        """For inference (the Engine generates inside it). Decoding a token reads every weight once and runs hundreds
-        of small kernels, so two things change while the context is held, both only with autograd off:
-
-        - each attention layer computes q, k and v with one GEMM over the three weights stacked (at batch 1 three
-          small GEMMs cost nearly three times one of their combined size, docs/benchmarks.md);
-        - where Triton runs (CUDA), a step of one token (batch 1) goes through the kernels of `decode_kernels`: GEMVs
-          with the RMSNorms, ReLU² and residual adds fused in, and a split-KV attention over the cache.
-
-        Entering restacks from the current weights, in place when the layout is unchanged (a CUDA graph keeps
-        reading the same buffer; the memory of q, k and v once more), so a weight update between two generations
-        (RL) is never stale. Training and gradients always see the real weights. Blocks whose projections are not
-        plain `nn.Linear` (PEFT adapters, quantised layers) keep their own modules' forward.
-        """
-
-        def plain(*modules):
-            return all(type(m) is nn.Linear for m in modules)
-
-        fused = [
-            m for m in self.modules() if isinstance(m, HFNanoChatAttention) and plain(m.q_proj, m.k_proj, m.v_proj)
-        ]
-        with torch.no_grad():
-            for m in fused:
-                weights = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
-                stack = m.qkv_weight
-                if stack is not None and (stack.shape[0], stack.dtype, stack.device) == (
-                    sum(m.qkv_sizes),
-                    weights[0].dtype,
-                    weights[0].device,
-                ):
-                    torch.cat(weights, out=stack)
-                else:
-                    m.qkv_weight = torch.cat(weights)
-        kernels = decode_kernels_available(next(self.parameters()))
-        switches = [(m, "use_fused_qkv") for m in fused]
-        if kernels:
-            for device in {m.qkv_weight.device for m in fused}:
-                prepare_decode_kernels(device)
-            # the attention kernel holds a head in one power-of-two block (nanochat's heads are 128 wide)
-            switches += [(m, "decode_kernels") for m in fused if m.head_dim & (m.head_dim - 1) == 0]
-            switches += [
-                (block, "decode_kernels") for block in self.modules()
-                if isinstance(block, HFNanoChatDecoderLayer) and block.self_attn in fused
-                and plain(block.self_attn.o_proj, block.mlp.fc1, block.mlp.fc2)
-            ]  # fmt: skip
-            if isinstance(self, HFNanoChatForCausalLM) and plain(self.lm_head):
-                switches.append((self, "decode_kernels"))
-        previous = [getattr(m, name) for m, name in switches]
-        for m, name in switches:
-            setattr(m, name, True)
-        try:
-            yield
-        finally:
-            for (m, name), was in zip(switches, previous):
-                setattr(m, name, was)
 
     def _init_weights(self, module: nn.Module) -> None:
         """nanochat's initialisation, per parameter-owning module (see `docs/architecture.md`).
@@ -409,28 +302,6 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
-
-    def _writes_cache_in_place(self, cache: Cache | None, inputs_embeds: torch.Tensor, mask) -> bool:
-        """Whether this step's attention runs through `decode_attention_in_place`, which writes the cache: one new
-        token per row, no autograd, every attention layer on the decode kernels, an SDPA-style bool mask, and a cache
-        of plain StaticLayers (a sliding-window layer wraps around; an older transformers StaticLayer has no
-        `cumulative_length` tensor to read the slot from)."""
-        return (
-            inputs_embeds.shape[1] == 1
-            and isinstance(mask, torch.Tensor)
-            and mask.dtype == torch.bool
-            and not torch.is_grad_enabled()
-            and isinstance(cache, Cache)
-            and len(cache.layers) == len(self.layers)
-            and all(block.self_attn.decode_kernels for block in self.layers)
-            and all(
-                type(layer) is StaticLayer
-                and layer.is_initialized
-                and layer.keys.device == inputs_embeds.device
-                and isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
-                for layer in cache.layers
-            )
-        )
 
     def _smear(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         # x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * x[t-1]. While decoding with a cache, x[t-1] is the
@@ -511,13 +382,6 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
         if self.smear_gate is not None:
             x = self._smear(x, cache)
         x0 = x
-        # A decode step over a StaticCache with the decode kernels on: each layer writes its key and value into its
-        # cache slot inside its attention kernel, which rotates and norms them, and all layers' lengths move on
-        # together after the last layer. StaticLayer.update would launch three kernels per layer (rotary+norm, the
-        # write, the length bump); at batch 1 each costs ~1-2 us, as much as a small GEMV's weight read.
-        cache_in_place = self._writes_cache_in_place(cache, inputs_embeds, masks.get("full_attention"))
-        if cache_in_place:
-            kwargs = {**kwargs, "cache_in_place": True}
         backout_layer = self.config.num_hidden_layers // 2
         x_mid = None
         for i, layer in enumerate(self.layers):
@@ -531,8 +395,6 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
                 x = layer(*layer_args, **kwargs)
             if i == backout_layer:
                 x_mid = x
-        if cache_in_place:
-            torch._foreach_add_([layer.cumulative_length for layer in cache.layers], inputs_embeds.shape[1])
         if self.backout_lambda is not None:
             x = x - self.backout_lambda * x_mid
         x = rms_norm(x, self.config.rms_norm_eps)
@@ -591,7 +453,6 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = HFNanoChatModel(config)
         self.lm_head = _linear(config.hidden_size, config.vocab_size, "lm_head")
-        self.decode_kernels = False  # set by fast_decode
         self.post_init()
 
     def get_input_embeddings(self):
@@ -613,19 +474,18 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         and by TRL's fused head, which multiplies by `lm_head.weight` directly), while the GEMM sees a multiple of 64.
         """
         weight = self.lm_head.weight
-        one_token = hidden_states.shape[:-1].numel() == 1 and not torch.is_grad_enabled()
-        if self.decode_kernels and one_token and hidden_states.dtype == weight.dtype:
-            logits = gemv(hidden_states, weight)  # one token: the Triton GEMV (fast_decode)
-        else:
-            padding = self.config.padded_vocab_size - weight.shape[0]
-            if padding and hidden_states.shape[:-1].numel() < 256:
-                # decoding a few tokens is bound by reading the weight; a padded copy would only add memory traffic
-                padding = 0
-            if padding:
-                weight = F.pad(weight, (0, 0, 0, padding))
-            logits = F.linear(hidden_states, weight)
-            if padding:
-                logits = logits[..., : self.config.vocab_size]
+        padding = self.config.padded_vocab_size - weight.shape[0]
+        if padding and hidden_states.shape[:-1].numel() < 256:
+            # decoding a few tokens is bound by reading the weight; a padded copy would only add memory traffic
+            padding = 0
+        if padding:
+            weight = F.pad(weight, (0, 0, 0, padding))
+        logits = F.linear(hidden_states, weight)
+        if padding:
+            logits = logits[..., : self.config.vocab_size]
+        return self.softcap(logits)
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()  # softcap in fp32: tanh in bf16 loses the small differences between top logits
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from hfnanochat import HFNanoChatForCausalLM
 from hfnanochat.chat import Chat, StreamPrinter, parse_args
-from hfnanochat.engine import Engine
+from hfnanochat.inference.engine import Engine
 from hfnanochat.tokenizer import get_special_token_ids, save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for hfnanochat.data: sources, splits, sharding, best-fit packing, exact resume, bits per byte."""
+"""Tests for hfnanochat.training.data: sources, splits, sharding, best-fit packing, exact resume, bits per byte."""
 
 import json
 import math
@@ -14,8 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-import hfnanochat.data
-from hfnanochat.data import VAL_EVERY, BOSBestFitLoader, DocumentStream, evaluate_bpb, iter_documents
+import hfnanochat.training.data
+from hfnanochat.training.data import VAL_EVERY, BOSBestFitLoader, DocumentStream, evaluate_bpb, iter_documents
 
 WORDS = (
     "the king queen speak hear me now my lord good night sweet prince what is this a dagger I see before "
@@ -263,7 +263,7 @@ N_FILES, ROWS_PER_FILE, HELD_OUT = 4, 20, 5
 def streamed(tmp_path, monkeypatch):
     """Four parquet files opened like a Hub dataset (streaming, one shard per file); texts name their file and row.
     The held-out block is shrunk from 50,000 documents to 5 so that it fits."""
-    monkeypatch.setattr(hfnanochat.data, "HUB_VAL_DOCS", HELD_OUT)
+    monkeypatch.setattr(hfnanochat.training.data, "HUB_VAL_DOCS", HELD_OUT)
     texts = [[f"f{f} r{i} " + t for i, t in enumerate(make_texts(ROWS_PER_FILE, seed=f))] for f in range(N_FILES)]
     files = []
     for f, file_texts in enumerate(texts):
@@ -319,7 +319,7 @@ def test_streamed_falls_back_to_rows_when_files_do_not_divide(streamed):
 
 def test_streamed_held_out_block_longer_than_first_file(streamed, monkeypatch):
     splits, texts = streamed
-    monkeypatch.setattr(hfnanochat.data, "HUB_VAL_DOCS", ROWS_PER_FILE + 3)
+    monkeypatch.setattr(hfnanochat.training.data, "HUB_VAL_DOCS", ROWS_PER_FILE + 3)
     # validation stops at the end of the first file; training skips 23 rows, so 3 rows of file 1 are in neither
     assert list(DocumentStream(splits, split="val")) == texts[0]
     train = [read_epoch(DocumentStream(splits, rank=r, world_size=2), n) for r, n in ((0, 20 - 3), (1, 40))]
@@ -343,7 +343,7 @@ def test_streamed_own_validation_split(tmp_path, monkeypatch):
     # a lone streamed dataset is a "train" split, so its first 50,000 rows are held out
     with pytest.raises(ValueError, match="'train' split of .* has no rows .*first 50000 rows are validation"):
         DocumentStream(splits["validation"], text_column="body")
-    monkeypatch.setattr(hfnanochat.data, "HUB_VAL_DOCS", 1)
+    monkeypatch.setattr(hfnanochat.training.data, "HUB_VAL_DOCS", 1)
     lone = DocumentStream(splits["validation"], text_column="body")
     assert read_epoch(lone, 12 - 1) == [f"validation {f} {i}" for f in range(2) for i in range(6)][1:]
     with pytest.raises(ValueError, match="no column 'text'.*body"):

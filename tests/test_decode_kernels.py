@@ -1,5 +1,5 @@
-"""The Triton decode kernels (`hfnanochat.decode_kernels`) against the unfused ops they replace, and the engine with
-them against the engine without them.
+"""The Triton decode kernels (`hfnanochat.inference.decode_kernels`) against the unfused ops they replace, and the
+engine with them against the engine without them.
 
 Triton runs on CUDA, or on CPU under its interpreter, which must be switched on before Triton is first imported. So on
 a machine without a GPU, `test_kernels_under_the_triton_interpreter` re-runs this file in a fresh process with
@@ -16,8 +16,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hfnanochat import decode_kernels
-from hfnanochat.engine import Engine
+from hfnanochat.inference import decode_kernels
+from hfnanochat.inference.engine import Engine
+from hfnanochat.inference.fast_decode import (
+    FusedQKVAttention,
+    GemvHead,
+    InPlaceCacheBackbone,
+    KernelAttention,
+    KernelBlock,
+    fast_decode,
+)
+from hfnanochat.modeling_hfnanochat import HFNanoChatForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engine import ALL_2026, random_model, tiny_config  # noqa: E402
@@ -164,20 +173,20 @@ def test_decode_step_over_a_static_cache_writes_it_in_place_like_update(monkeypa
 
     def run(fast: bool):
         cache = StaticCache(config=model.config, max_cache_len=16)
-        with torch.no_grad(), model.fast_decode() if fast else contextlib.nullcontext():
+        with torch.no_grad(), fast_decode(model) if fast else contextlib.nullcontext():
             model(prompt, cache=cache, use_cache=True)
             logits = model(step, cache=cache, use_cache=True).logits
         return logits, cache
 
-    from hfnanochat import modeling_hfnanochat
-
     calls = []  # a spy: the real kernel runs, and we see that the step went through it once per layer
+
+    real = decode_kernels.decode_attention_in_place
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
-        return decode_kernels.decode_attention_in_place(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(modeling_hfnanochat, "decode_attention_in_place", counted)
+    monkeypatch.setattr(decode_kernels, "decode_attention_in_place", counted)
     reference, reference_cache = run(fast=False)
     assert not calls
     fused, cache = run(fast=True)
@@ -187,18 +196,19 @@ def test_decode_step_over_a_static_cache_writes_it_in_place_like_update(monkeypa
         assert ours.cumulative_length.item() == theirs.cumulative_length.item() == 6
         torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-5)
-    one, two = torch.zeros(1, 1, 64, device=DEVICE), torch.zeros(1, 2, 64, device=DEVICE)
-    mask = torch.ones(1, 1, 1, 16, dtype=torch.bool, device=DEVICE)
-    in_place = model.model._writes_cache_in_place
+    one, two = torch.zeros(1, 1, dtype=torch.long, device=DEVICE), torch.zeros(1, 2, dtype=torch.long, device=DEVICE)
     with torch.no_grad():
-        with model.fast_decode():
-            assert in_place(cache, one, mask)
-            assert not in_place(cache, two, mask)  # a prefill
-            assert not in_place(StaticCache(config=model.config, max_cache_len=16), one, mask)  # not allocated yet
-            assert not in_place(cache, one, mask.float())  # an additive mask (the kernel reads a bool one)
-        assert not in_place(cache, one, mask)  # kernels off
-    with model.fast_decode():
-        assert not in_place(cache, one, mask)  # autograd on (training never sees the kernels)
+        with fast_decode(model):
+            in_place = model.model.writes_cache_in_place
+            assert in_place(cache, one)
+            assert not in_place(cache, two)  # a prefill
+            assert not in_place(StaticCache(config=model.config, max_cache_len=16), one)  # not allocated yet
+            model.config._attn_implementation = "eager"  # an additive mask (the kernel reads SDPA's bool one)
+            assert not in_place(cache, one)
+            model.config._attn_implementation = "sdpa"
+        assert not isinstance(model.model, InPlaceCacheBackbone)  # kernels off
+    with fast_decode(model):
+        assert not model.model.writes_cache_in_place(cache, one)  # autograd on (training never sees the kernels)
 
 
 @needs_triton
@@ -231,15 +241,16 @@ def test_engine_with_decode_kernels_equals_engine_without(options):
     prompts = [[1, 5, 9, 33, 70, 2, 8], [1, 400, 2, 3]]
     for batch in (prompts[:1], prompts):
         plain = Engine(model, None, cache_implementation="static", compile=False)
-        plain._fast_decode = None
+        plain._fast_decode = False
         expected = plain.generate_batch(batch, max_new_tokens=5, temperature=0.0)
         engine = Engine(model, None, cache_implementation="static", compile=False)
         assert engine.generate_batch(batch, max_new_tokens=5, temperature=0.0) == expected
-    with model.fast_decode():
-        assert all(layer.decode_kernels for layer in model.model.layers) and model.decode_kernels
+    with fast_decode(model):
+        assert all(isinstance(layer, KernelBlock) for layer in model.model.layers) and isinstance(model, GemvHead)
         power_of_two = model.config.head_dim in (16, 128)
-        assert all(layer.self_attn.decode_kernels == power_of_two for layer in model.model.layers)
-    assert not any(layer.decode_kernels for layer in model.model.layers) and not model.decode_kernels
+        assert all(isinstance(layer.self_attn, KernelAttention) == power_of_two for layer in model.model.layers)
+    assert not any(isinstance(layer, KernelBlock) for layer in model.model.layers)
+    assert type(model) is HFNanoChatForCausalLM
     # logits of one step agree with the unfused forward to fp32 rounding
     ids, step = torch.tensor([prompts[0]], device=DEVICE), torch.tensor([[7]], device=DEVICE)
 
@@ -250,7 +261,7 @@ def test_engine_with_decode_kernels_equals_engine_without(options):
 
     with torch.no_grad():
         reference = next_logits()
-        with model.fast_decode():
+        with fast_decode(model):
             fused = next_logits()
     torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
 
@@ -262,7 +273,7 @@ def test_fast_decode_under_autocast_keeps_fp32_weights_out_of_the_gemvs():
     model = random_model(tiny_config()).to(DEVICE)
     with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
         reference = next_token_logits(model, [1, 5, 9, 33, 70], 7)
-        with model.fast_decode():
+        with fast_decode(model):
             fused = next_token_logits(model, [1, 5, 9, 33, 70], 7)
     torch.testing.assert_close(fused, reference, atol=0.1, rtol=0.02)
 
@@ -271,9 +282,9 @@ def test_fast_decode_without_triton_device_keeps_the_unfused_path():
     if torch.cuda.is_available() or INTERPRETED:
         pytest.skip("this checks machines where the kernels cannot run; here they run (CUDA or TRITON_INTERPRET=1)")
     model = random_model(tiny_config())
-    with model.fast_decode():
-        assert model.model.layers[0].self_attn.use_fused_qkv
-        assert not model.model.layers[0].decode_kernels and not model.decode_kernels
+    with fast_decode(model):
+        assert type(model.model.layers[0].self_attn) is FusedQKVAttention
+        assert not isinstance(model.model.layers[0], KernelBlock) and not isinstance(model, GemvHead)
 
 
 @pytest.mark.skipif(decode_kernels.triton is None, reason="Triton is not installed")

@@ -12,8 +12,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, decode_kernels
-from hfnanochat.engine import STATIC_CACHE_BUCKET, Engine, sample_next_token
+from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM
+from hfnanochat.inference import decode_kernels
+from hfnanochat.inference.engine import STATIC_CACHE_BUCKET, Engine, sample_next_token
+from hfnanochat.inference.fast_decode import FusedQKVAttention
 from hfnanochat.tokenizer import get_special_token_ids, train_tokenizer
 
 ALL_2026 = dict(
@@ -126,7 +128,9 @@ def test_greedy_equals_generate_batched_and_fanned_out(tokenizer, options, cache
     prompts = syllable_prompts(tokenizer, (3, 11, 6))
     engine = Engine(model, tokenizer, cache_implementation=cache, compile=False)
     fused_calls = []  # the engine decodes with one q/k/v GEMM per layer; generate (the reference) with three
-    model.model.layers[0].self_attn.register_forward_pre_hook(lambda m, a: fused_calls.append(m.use_fused_qkv))
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a: fused_calls.append(isinstance(m, FusedQKVAttention))
+    )
     results = engine.generate_batch(prompts, num_samples=2, max_new_tokens=12, temperature=0.0)
     assert fused_calls and all(fused_calls)
     sp = get_special_token_ids(tokenizer)

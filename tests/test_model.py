@@ -7,6 +7,8 @@ from nanochat_reference import nanochat_forward, random_nanochat_state_dict
 from transformers import AutoModelForCausalLM
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
+from hfnanochat.inference.fast_decode import fast_decode
+from hfnanochat.modeling_hfnanochat import HFNanoChatAttention
 
 
 def tiny_config(**overrides):
@@ -362,11 +364,11 @@ def test_fast_decode_fused_qkv_equals_separate_projections_and_never_goes_stale(
     keys = set(model.state_dict())
     with torch.no_grad():
         separate = model(input_ids=ids).logits
-        with model.fast_decode():
+        with fast_decode(model):
             fused = model(input_ids=ids).logits
         torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
         attn = model.model.layers[0].self_attn
-        assert attn.qkv_weight.shape == (4 * 16 + 2 * 2 * 16, 64) and not attn.use_fused_qkv
+        assert attn.qkv_weight.shape == (4 * 16 + 2 * 2 * 16, 64) and type(attn) is HFNanoChatAttention
         assert set(model.state_dict()) == keys  # the stack is not a weight: checkpoints are unchanged
 
         # a weight update (an RL step) between two generations: the next refreshing entry restacks it
@@ -374,14 +376,14 @@ def test_fast_decode_fused_qkv_equals_separate_projections_and_never_goes_stale(
             layer.self_attn.k_proj.weight.mul_(-1.5)
         changed = model(input_ids=ids).logits
         assert not torch.allclose(changed, separate)
-        with model.fast_decode():
+        with fast_decode(model):
             torch.testing.assert_close(model(input_ids=ids).logits, changed, rtol=1e-5, atol=1e-5)
         stack = attn.qkv_weight
-        with model.fast_decode():  # restacked in place: a CUDA graph keeps reading the same buffer
+        with fast_decode(model):  # restacked in place: a CUDA graph keeps reading the same buffer
             assert attn.qkv_weight is stack
 
     # with autograd on the real projections run, so gradients reach q_proj, k_proj and v_proj
-    with model.fast_decode():
+    with fast_decode(model):
         model(input_ids=ids, labels=ids).loss.backward()
     assert all(model.model.layers[0].self_attn.get_submodule(n).weight.grad is not None
                for n in ("q_proj", "k_proj", "v_proj"))  # fmt: skip

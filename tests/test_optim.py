@@ -1,4 +1,4 @@
-"""Tests for hfnanochat.optim: Muon against torch.optim.Muon, AdamW against torch.optim.AdamW, nanochat's groups and
+"""Tests for hfnanochat.training.optim: Muon against torch.optim.Muon, AdamW against torch.optim.AdamW, nanochat's groups and
 schedules, exact resume, the 2-process (gloo) sharded orthogonalisation, and the Trainer factory hook."""
 
 import io
@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from hfnanochat.optim import (
+from hfnanochat.training.optim import (
     MuonAdamW,
     MuonAdamWFactory,
     apply_schedule,

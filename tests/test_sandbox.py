@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hfnanochat.sandbox import ExecutionResult, calculator, execute
+from hfnanochat.inference.sandbox import ExecutionResult, calculator, execute
 
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 

@@ -33,10 +33,11 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
-from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, sft_utils
-from hfnanochat.optim import build_optimizer, lr_multiplier, muon_momentum
-from hfnanochat.sft_utils import MetricsCallback, NanochatSchedule, resume_checkpoint
+from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM
 from hfnanochat.tokenizer import get_special_token_ids, render_conversation, save_tokenizer, train_tokenizer
+from hfnanochat.training import sft as sft_utils
+from hfnanochat.training.optim import build_optimizer, lr_multiplier, muon_momentum
+from hfnanochat.training.sft import MetricsCallback, NanochatSchedule, resume_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "dan", "tor", "el", "qu", "zi", "fa", "gu", "ber"]

@@ -28,7 +28,7 @@ from pathlib import Path
 from trl import SFTConfig
 
 from hfnanochat import tasks
-from hfnanochat.sft_utils import (
+from hfnanochat.training.sft import (
     MetricsCallback,
     NanochatSFTTrainer,
     add_common_arguments,

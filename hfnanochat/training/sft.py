@@ -34,11 +34,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTTrainer
 
-from . import tasks
-from .convert import set_generation_defaults
+from .. import tasks
+from ..convert import set_generation_defaults
+from ..tokenizer import get_special_token_ids, save_tokenizer
 from .metrics import append_jsonl, peak_flops, truncate_metrics
 from .optim import MuonAdamWFactory, lr_multiplier, muon_momentum
-from .tokenizer import get_special_token_ids, save_tokenizer
 
 # every matrix of the decoder layers; TRL rejects an adapter on lm_head (its fused head reads lm_head.weight directly)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]

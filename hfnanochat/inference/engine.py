@@ -22,7 +22,7 @@ Notable:
   the model's `torch.compile`d forward (`get_compiled_call`, as `generate(cache_implementation="static")` uses):
   fixed shapes, so one graph (replayed as a CUDA graph) serves every step. The target is launch overhead: the seed's
   eager Engine ran at ~2% of the H100's bandwidth bound at batch 1 (performance-reliability.md B2). Our models
-  generate inside `model.fast_decode()`: one GEMM for q, k and v per layer (restacked from the weights at each call)
+  generate inside `fast_decode(model)`: one GEMM for q, k and v per layer (restacked from the weights at each call)
   and, at batch 1 on CUDA, Triton kernels with the norms and adds fused into the GEMVs (`decode_kernels`). The
   StaticCache outlives the call and is reset for the next one of the same shape: the CUDA graph is recorded over
   the cache's addresses, so a new cache per call (a chat turn, an RL rollout) would record it again each time.
@@ -46,8 +46,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, StaticCache
 
+from ..modeling_hfnanochat import rope_position_limit
+from ..tokenizer import get_special_token_ids
+from .fast_decode import fast_decode, supports_fast_decode
 from .sandbox import calculator
-from .tokenizer import get_special_token_ids
 
 # Static caches are sized in multiples of this many slots, so a chat whose prompt grows turn by turn reuses a few
 # compiled graphs instead of compiling one per length (dynamo gives up after 8 recompiles and runs eager).
@@ -154,7 +156,7 @@ class Engine:
         # the last call's StaticCache, reused (see _static_copy), and the generation using it now, if any
         self._static_cache, self._static_key, self._static_owner = None, None, None
         self._static_lock = threading.Lock()  # two threads (a Space serving two chats) must not both take it
-        self._fast_decode = getattr(model, "fast_decode", None)  # our models: fused q/k/v, decode kernels
+        self._fast_decode = supports_fast_decode(model)  # our models: fused q/k/v, decode kernels
 
     def clear_cache(self) -> None:
         """Free the StaticCache kept from the last call (see `_static_copy`), e.g. to give its memory to a training
@@ -264,8 +266,8 @@ class Engine:
             raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
         if not is_int(seed):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        rotary = getattr(getattr(self.model, "model", None), "rotary_emb", None)
-        limit = getattr(rotary, "max_positions", None)  # our models: RoPE tables cover this many positions
+        # our models: the RoPE tables cover this many positions
+        limit = rope_position_limit(self.model.config) if supports_fast_decode(self.model) else None
         longest = max(len(p) for p in batch)
         if limit is not None and longest + max_new_tokens > limit:
             raise ValueError(
@@ -300,7 +302,7 @@ class Engine:
         # RL) and held for the whole generation: entering the context per step would cost ~40 us of Python a token
         owner = object()
         try:
-            with self._fast_decode() if self._fast_decode else contextlib.nullcontext():
+            with fast_decode(self.model) if self._fast_decode else contextlib.nullcontext():
                 yield from self._steps(*args, owner)
         finally:  # run to its end, closed, or dropped: the static cache is free for the next call
             with self._static_lock:

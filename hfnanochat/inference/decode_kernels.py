@@ -290,7 +290,7 @@ if triton is not None:
         if buffer is None:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 # a zero-fill recorded into a graph would not run before the graph replays
-                raise RuntimeError("call hfnanochat.decode_kernels.prepare(device) before capturing a CUDA graph")
+                raise RuntimeError("call decode_kernels.prepare(device) before capturing a CUDA graph")
             buffer = _ARRIVALS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
         return buffer
 

@@ -5,7 +5,7 @@ carries a few MB of real English prose in its standard library's docstrings; we 
 module, class or function with a substantial docstring), which is enough to train a small tokenizer and watch a
 depth-4 model's loss fall. It is not FineWeb: use `--data` with real data for anything you want to keep.
 
-    python -m hfnanochat.offline_data out/offline_corpus.txt
+    python -m hfnanochat.training.offline_data out/offline_corpus.txt
 """
 
 import importlib
@@ -72,7 +72,7 @@ def stdlib_documents():
 
 
 def write_offline_corpus(path: str | Path, max_chars: int = 20_000_000) -> Path:
-    """Write the documents to a .txt file, separated by blank lines (the paragraph format `hfnanochat.data` reads)."""
+    """Write the documents to a .txt file, separated by blank lines (the paragraph format `training.data` reads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     total = 0
