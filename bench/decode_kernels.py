@@ -1,4 +1,4 @@
-"""The decode kernels of `hfnanochat.inference.decode_kernels` against cuBLAS and SDPA, shape by shape, over launch configs.
+"""The decode kernels (`hfnanochat.inference.decode_kernels`) against cuBLAS and SDPA, shape by shape, over configs.
 
     python bench/decode_kernels.py              # d20 shapes: the GEMVs of a block and the head, one-query attention
     python bench/decode_kernels.py --quick      # only the configs the library picks

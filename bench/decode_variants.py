@@ -6,8 +6,8 @@
 
 Variants, each slower than `shipped` when measured (docs/benchmarks.md). `cublas` and `update` switch off a part of
 the library; the others patch in alternatives that are not in it:
-- cublas: without the Triton decode kernels (`hfnanochat.inference.decode_kernels`): cuBLAS GEMMs, separate norms and adds,
-  SDPA, the engine as it was before them;
+- cublas: without the Triton decode kernels (`inference/decode_kernels.py`): cuBLAS GEMMs, separate norms and
+  adds, SDPA, the engine as it was before them;
 - update: the decode kernels, but each layer writes its cache through transformers' `StaticLayer.update` (Inductor's
   rotary/norm kernel, the cache write, a length bump per layer) instead of `decode_attention_in_place`;
 - gemv: one-row matmuls as multiply + sum, so Inductor writes reduction kernels (and fuses ReLU^2, the softcap) in
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from transformers import CompileConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hfnanochat import HFNanoChatForCausalLM, config_for_depth, modeling_hfnanochat
+from hfnanochat import HFNanoChatForCausalLM, config_for_depth
+from hfnanochat.inference import decode_kernels, fast_decode
 from hfnanochat.inference.engine import Engine
 
 VARIANTS = {"shipped", "cublas", "update", "gemv", "onequery", "combo", "autotune", "cdt", "noguards"}
@@ -76,9 +77,9 @@ def main():
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (the compiled static-cache step is the thing measured)")
     if "cublas" in parts:
-        modeling_hfnanochat.decode_kernels_available = lambda tensor: False
+        decode_kernels.available = lambda tensor: False
     if "update" in parts:
-        modeling_hfnanochat.HFNanoChatModel._writes_cache_in_place = lambda self, cache, inputs_embeds, mask: False
+        fast_decode.InPlaceCacheBackbone.writes_cache_in_place = lambda self, cache, step: False
     if "gemv" in parts:
         one_row_linear_as_reduction()
     if "onequery" in parts:

@@ -24,8 +24,8 @@ import torch
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth, tasks
 from hfnanochat.convert import set_generation_defaults
-from hfnanochat.training.metrics import append_jsonl
 from hfnanochat.tokenizer import render_conversation, save_tokenizer, train_tokenizer
+from hfnanochat.training.metrics import append_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

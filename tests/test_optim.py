@@ -1,5 +1,5 @@
-"""Tests for hfnanochat.training.optim: Muon against torch.optim.Muon, AdamW against torch.optim.AdamW, nanochat's groups and
-schedules, exact resume, the 2-process (gloo) sharded orthogonalisation, and the Trainer factory hook."""
+"""Tests for hfnanochat.training.optim: Muon against torch.optim.Muon, AdamW against torch.optim.AdamW, nanochat's
+groups and schedules, exact resume, the 2-process (gloo) sharded orthogonalisation, and the Trainer factory hook."""
 
 import io
 import math

@@ -11,8 +11,8 @@ Notable:
 - One dial, `--depth`; the horizon follows a tokens:params ratio (20, Chinchilla, the seed) unless `--num-iterations`
   or `--target-flops` says otherwise. The total batch (524,288 tokens) never changes with the GPU count: gradient
   accumulation is derived from the world size.
-- Muon for the block matrices, AdamW for embeddings/head/scalars (`hfnanochat.training.optim`), LR/momentum schedules set by
-  hand every step, as nanochat does. Accelerate owns processes, mixed precision, gradient sync and checkpoint state.
+- Muon for the block matrices, AdamW for embeddings/head/scalars (`training/optim.py`), LR/momentum schedules set
+  by hand every step, as nanochat does. Accelerate owns processes, mixed precision, gradient sync and checkpoint state.
 - Data: BOS-aligned best-fit packing (`hfnanochat.training.data`) over `--data-streams` fixed streams; each process owns
   streams r, r+W, ..., so 1 GPU and N GPUs see the same global batch at every step (and a run can resume on a
   different GPU count). The losses then agree to float rounding only: the gradient sums run in another order
@@ -44,10 +44,10 @@ from transformers import AutoTokenizer
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
 from hfnanochat.convert import set_generation_defaults
+from hfnanochat.tokenizer import load_token_bytes
 from hfnanochat.training.data import BOSBestFitLoader, DocumentStream, evaluate_bpb
 from hfnanochat.training.metrics import append_jsonl, peak_flops, truncate_metrics
 from hfnanochat.training.optim import apply_schedule, build_optimizer
-from hfnanochat.tokenizer import load_token_bytes
 
 # fmt: off
 PRESETS = {
