@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth, tasks
-from hfnanochat.convert import set_generation_defaults
-from hfnanochat.tokenizer import render_conversation, save_tokenizer, train_tokenizer
+from hfnanochat.tokenizer import render_conversation, train_tokenizer
+from hfnanochat.training.export import save_final
 from hfnanochat.training.metrics import append_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +36,7 @@ def build_base(conversations, out: Path, depth: int, max_seq_len: int, vocab_siz
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     config = config_for_depth(depth, vocab_size=len(tokenizer), max_seq_len=max_seq_len)
     model = HFNanoChatForCausalLM.from_config_on_device(config, "cpu")
-    model.save_pretrained(out)
-    save_tokenizer(tokenizer, out)
-    set_generation_defaults(model, tokenizer, out)
+    save_final(model, tokenizer, out)
     longest = max(
         len(render_conversation(tokenizer, conv["messages"], max_tokens=max_seq_len + 1)[0]) for conv in conversations
     )

@@ -90,14 +90,20 @@ def hf_to_native(in_dir: str | Path, out_dir: str | Path) -> Path:
     )
     native.architectures = ["NanoChatForCausalLM"]
     native.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    native.save_pretrained(out_dir)
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    from .training.export import replace_folder, write_manifest
+
+    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    native.save_pretrained(tmp)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if (in_dir / "generation_config.json").exists():
-        GenerationConfig.from_pretrained(in_dir).save_pretrained(out_dir)
+        GenerationConfig.from_pretrained(in_dir).save_pretrained(tmp)
     for name in TOKENIZER_FILES:
         if (in_dir / name).exists():
-            shutil.copy2(in_dir / name, out_dir / name)
+            shutil.copy2(in_dir / name, tmp / name)
+    write_manifest(tmp)
+    replace_folder(tmp, out_dir)
     return out_dir
 
 
@@ -300,23 +306,12 @@ def nanochat_to_hf(
     with torch.device("meta"):
         model = HFNanoChatForCausalLM(config)
     model.load_state_dict(hf_state, strict=True, assign=True)
-    model.save_pretrained(out_dir)
-    if tokenizer is not None:
-        from .tokenizer import save_tokenizer
+    if tokenizer is None:
+        model.save_pretrained(out_dir)
+        return out_dir
+    from .training.export import save_final
 
-        save_tokenizer(tokenizer, out_dir)
-        set_generation_defaults(model, tokenizer, out_dir)
-    return out_dir
-
-
-def set_generation_defaults(model, tokenizer, out_dir: str | Path) -> None:
-    """generation_config.json that stops on `<|assistant_end|>` or `<|bos|>` (nanochat's Engine stops on both)."""
-    bos = tokenizer.convert_tokens_to_ids("<|bos|>")
-    end = tokenizer.convert_tokens_to_ids("<|assistant_end|>")
-    model.generation_config.bos_token_id = bos
-    model.generation_config.eos_token_id = [end, bos]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.save_pretrained(out_dir)
+    return save_final(model, tokenizer, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from nanochat_reference import nanochat_forward, random_nanochat_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfnanochat
-from hfnanochat.convert import hf_to_native, nanochat_to_hf, set_generation_defaults
+from hfnanochat.convert import hf_to_native, nanochat_to_hf
 from hfnanochat.convert import main as convert_main
-from hfnanochat.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+from hfnanochat.tokenizer import SPECIAL_TOKENS, train_tokenizer
+from hfnanochat.training.export import save_final
 
 WORDS = (
     "the model learns to predict the next token from text gathered on the web and in books while numbers like 12 "
@@ -63,9 +64,7 @@ def tiny_folder(tmp_path, tokenizer, **options):
     )
     model = random_weights_(hfnanochat.HFNanoChatForCausalLM(config)).eval()
     folder = tmp_path / "ours"
-    model.save_pretrained(folder)
-    save_tokenizer(tokenizer, folder)
-    set_generation_defaults(model, tokenizer, folder)
+    save_final(model, tokenizer, folder)
     return model, folder
 
 

@@ -43,9 +43,9 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
-from hfnanochat.convert import set_generation_defaults
 from hfnanochat.tokenizer import load_token_bytes
 from hfnanochat.training.data import BOSBestFitLoader, DocumentStream, evaluate_bpb
+from hfnanochat.training.export import save_final
 from hfnanochat.training.metrics import append_jsonl, peak_flops, truncate_metrics
 from hfnanochat.training.optim import apply_schedule, build_optimizer
 
@@ -585,12 +585,7 @@ def main(argv=None):
     final_dir = out / "final"
     state_dict = full_state_dict()
     if accelerator.is_main_process:
-        raw_model.config.use_cache = True
-        raw_model.save_pretrained(final_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(final_dir)
-        if (Path(args.tokenizer) / "token_bytes.pt").exists():
-            shutil.copy2(Path(args.tokenizer) / "token_bytes.pt", final_dir / "token_bytes.pt")
-        set_generation_defaults(raw_model, tokenizer, final_dir)
+        save_final(raw_model, tokenizer, final_dir, state_dict=state_dict)
         accelerator.print(f"saved {final_dir} | validation bpb {val_bpb:.4f} | training time {total_time / 60:.1f} min")
     accelerator.wait_for_everyone()
     if args.core and accelerator.is_main_process:

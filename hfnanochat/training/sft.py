@@ -29,14 +29,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTTrainer
 
 from .. import tasks
-from ..convert import set_generation_defaults
-from ..tokenizer import get_special_token_ids, save_tokenizer
+from ..tokenizer import get_special_token_ids
+from .export import save_final
 from .metrics import append_jsonl, peak_flops, truncate_metrics
 from .optim import MuonAdamWFactory, lr_multiplier, muon_momentum
 
@@ -381,19 +381,6 @@ def resume_checkpoint(args, out: Path) -> str | bool | None:
     return args.resume
 
 
-def save_final(trainer: SFTTrainer, tokenizer, final_dir: Path) -> Path:
-    """The HF folder the next stage loads. Call on the main process only."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if isinstance(model, PeftModel):  # keep the adapter, ship the merged weights
-        model.save_pretrained(final_dir.parent / "adapter")
-        model = model.merge_and_unload()
-    model.config.use_cache = True
-    model.save_pretrained(final_dir)
-    save_tokenizer(tokenizer, final_dir)
-    set_generation_defaults(model, tokenizer, final_dir)
-    return final_dir
-
-
 def train_and_save(trainer: SFTTrainer, metrics: "MetricsCallback", resume, out: Path) -> None:
     """Train (resuming if asked), stop with exit code 1 on a non-finite loss, else write `out/final`."""
     trainer.train(resume_from_checkpoint=resume)
@@ -406,5 +393,6 @@ def train_and_save(trainer: SFTTrainer, metrics: "MetricsCallback", resume, out:
         )
         sys.exit(1)
     if accelerator.is_main_process:
-        print(f"saved {save_final(trainer, trainer.processing_class, out / 'final')}")
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        print(f"saved {save_final(model, trainer.processing_class, out / 'final')}")
     accelerator.wait_for_everyone()
