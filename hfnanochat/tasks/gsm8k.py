@@ -40,3 +40,20 @@ def gsm8k(
         f"GSM8K {subset}",
         num_proc=num_proc,
     )
+
+
+# nanochat's answer rule (tasks/gsm8k.py): the number after "####", commas removed, compared as a string
+ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after the first `#### ` in `text`, commas removed; None when there is none (never raises)."""
+    match = ANSWER.search(text) if isinstance(text, str) else None
+    return match.group(1).strip().replace(",", "") if match else None
+
+
+def gsm8k_reward(completion: str, reference: str) -> float:
+    """1.0 when the completion's `####` answer equals the reference solution's, else 0.0: the RL reward and the
+    evaluation's correctness alike. A completion without an answer scores 0."""
+    predicted, expected = extract_answer(completion), extract_answer(reference)
+    return float(predicted is not None and predicted == expected)
