@@ -5,6 +5,8 @@ here needs /work/shared or the network.
 """
 
 import importlib.util
+import itertools
+import json
 import os
 import random
 import subprocess
@@ -509,14 +511,64 @@ def test_script_errors(tmp_path, capsys, monkeypatch):
     script = _load_script()
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"body": "some text", "id": 1}\n', encoding="utf-8")
-    assert script.main(["--data", str(rows), "--vocab-size", "512", "--out", str(tmp_path / "o")]) == 1
-    assert "--text-column 'text' is not a column" in capsys.readouterr().err
-    assert script.main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 1
-    assert "no such file" in capsys.readouterr().err
+    assert script.main(["--data", str(rows), "--vocab-size", "512", "--out", str(tmp_path / "o")]) == 2
+    assert "has no column 'text'; its columns: body, id" in capsys.readouterr().err
+    assert script.main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     # default dataset while offline: a clear pointer to --data, no traceback
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
-    assert script.main(["--out", str(tmp_path / "o")]) == 1
+    assert script.main(["--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "cannot reach the Hugging Face Hub" in err and "--data" in err
+    assert "could not reach the Hugging Face Hub" in err and "--data" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_tokenizer_and_pretraining_read_the_same_documents_and_hold_out_the_same(tmp_path, monkeypatch, suffix):
+    """The tokenizer trains on exactly pretraining's training documents of the same --data (the union of its data
+    streams, in order for one stream) and measures compression on exactly pretraining's validation documents."""
+    from hfnanochat.training.data import DocumentStream
+
+    corpus = [" ".join(make_corpus(4, seed=i)) for i in range(250)]  # 3 held-out documents of > 2,000 characters
+    data = tmp_path / f"corpus{suffix}"
+    if suffix == ".txt":
+        data.write_text("\n\n".join(corpus), encoding="utf-8")
+    else:
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus), encoding="utf-8")
+    script = _load_script()
+    seen = {}
+    real_train = script.train_tokenizer
+
+    def recording_train(texts, **kwargs):
+        texts = list(texts)
+        seen["train"] = texts
+        return real_train(texts, **kwargs)
+
+    real_tokenize = None
+
+    def recording_tokenizer(tok):
+        nonlocal real_tokenize
+        real_tokenize = tok.__class__.__call__
+
+        def call(self, texts, **kwargs):
+            seen.setdefault("held_out", list(texts))
+            return real_tokenize(self, texts, **kwargs)
+
+        tok.__class__ = type("Recording", (tok.__class__,), {"__call__": call})
+        return tok
+
+    monkeypatch.setattr(
+        script, "train_tokenizer", lambda texts, **kw: recording_tokenizer(recording_train(texts, **kw))
+    )
+    assert script.main(["--data", str(data), "--vocab-size", "512", "--out", str(tmp_path / "tok")]) == 0
+
+    one_stream = list(itertools.islice(DocumentStream(str(data), split="train"), len(corpus)))
+    pretrain_train = one_stream[: len(corpus) - 3]  # 250 documents, rows 0, 100, 200 held out
+    pretrain_val = list(DocumentStream(str(data), split="val"))
+    assert seen["train"] == pretrain_train
+    assert seen["held_out"] == pretrain_val == [corpus[0], corpus[100], corpus[200]]
+    streams = [DocumentStream(str(data), split="train", rank=r, world_size=4) for r in range(4)]
+    union = [t for s in streams for t in itertools.islice(s, len(corpus) // 4 + 1) if not s.epoch]
+    assert sorted(union) == sorted(pretrain_train)

@@ -44,7 +44,7 @@ from transformers import AutoTokenizer
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
 from hfnanochat.tokenizer import load_token_bytes
-from hfnanochat.training.data import BOSBestFitLoader, DocumentStream, evaluate_bpb
+from hfnanochat.training.data import DEFAULT_DATA, DEFAULT_DATA_CONFIG, BOSBestFitLoader, DocumentStream, evaluate_bpb
 from hfnanochat.training.export import save_final
 from hfnanochat.training.metrics import append_jsonl, peak_flops, truncate_metrics
 from hfnanochat.training.optim import apply_schedule, build_optimizer
@@ -75,7 +75,6 @@ SAMPLE_PROMPTS = [
     "My favorite color is",
     "If 5*x + 3 = 13, then x is",
 ]
-DEFAULT_DATA = "HuggingFaceFW/fineweb-edu"  # the seed's pretraining data
 
 
 def parse_args(argv=None):
@@ -300,7 +299,7 @@ def main(argv=None):
     resume_state = check_resume_config(resume_path, config, args) if resume_path else None
 
     if args.data == DEFAULT_DATA and args.data_name is None:
-        args.data_name = "sample-10BT"  # the 10B-token sample of FineWeb-EDU: more than a d20 run reads
+        args.data_name = DEFAULT_DATA_CONFIG
 
     def make_loader(split, stream, num_streams, rows=args.device_batch_size):
         documents = DocumentStream(

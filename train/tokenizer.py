@@ -1,7 +1,7 @@
 """Train nanochat's tokenizer: byte-level BPE, 65,536 tokens, on the first 2B characters of the pretraining text.
 
     python train/tokenizer.py                                   # FineWeb-EDU sample-10BT from the Hub (the speedrun)
-    python train/tokenizer.py --data /work/shared/data/text/tinyshakespeare.txt --vocab-size 2048 --out /tmp/tok
+    python train/tokenizer.py --data corpus.txt --vocab-size 2048 --out out/tokenizer   # local text, offline
 
 Notable:
 - `--data` is a Hub dataset id (streamed, nothing is downloaded up front) or local .txt/.jsonl/.json/.parquet
@@ -9,28 +9,24 @@ Notable:
   blank-line-separated paragraph is a document.
 - Documents are cropped to `--doc-cap` characters and reading stops after `--max-chars` characters, like
   nanochat's tok_train (the speedrun passes --max_chars=2000000000).
-- Every 100th document (~1%) is held out of training; compression (characters and bytes per token) is reported on
-  it, so the number is not measured on text the merges were fitted to. nanochat reports ~4.8 chars/token on
+- Documents come from `hfnanochat.training.data.DocumentStream`, the reader pretraining uses, with its held-out
+  split (local data: rows 0, 100, 200, ...; Hub data: its validation split or its first rows): the tokenizer never
+  sees pretraining's validation text, and compression (characters and bytes per token) is reported on it, so the
+  number is not measured on text the merges were fitted to. nanochat reports ~4.8 chars/token on
   FineWeb-EDU with 65,536 tokens.
 - The folder written by `--out` loads with `AutoTokenizer.from_pretrained` and holds `token_bytes.pt` for bpb.
 """
 
 import argparse
-import glob
-import itertools
 import os
 import sys
 import time
-from pathlib import Path
 
-from datasets import load_dataset
 from tqdm import tqdm
 
 from hfnanochat.tokenizer import save_tokenizer, token_bytes, train_tokenizer
+from hfnanochat.training.data import DEFAULT_DATA, DEFAULT_DATA_CONFIG, DocumentStream, local_files
 
-DEFAULT_DATA, DEFAULT_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"  # nanochat pretrains on FineWeb-EDU
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-HELD_OUT_EVERY = 100  # 1% of documents are never trained on
 HELD_OUT_MAX_CHARS = 10_000_000  # plenty for a compression estimate, and it stays in memory
 MIN_HELD_OUT_CHARS = 2_000  # below this (tiny corpora) the estimate is noise: use the paragraph below instead
 FALLBACK_TEXT = (
@@ -48,52 +44,20 @@ Special chars: @#$%^&*()
 Unicode: 你好世界 🌍"""
 
 
-def local_files(data: str) -> list[Path] | None:
-    """The local files --data names (a file, a directory or a glob), or None when it is a Hub id."""
-    data = os.path.expanduser(data)
-    if any(ch in data for ch in "*?["):
-        paths = [Path(p) for p in sorted(glob.glob(data, recursive=True))]
-    elif os.path.isdir(data):
-        paths = sorted(p for p in Path(data).rglob("*") if p.is_file())
-    elif os.path.exists(data):
-        paths = [Path(data)]
-    elif Path(data).suffix in BUILDERS or data.startswith((".", "/")):
-        raise ValueError(f"--data {data}: no such file")
-    else:
-        return None
-    files = [p for p in paths if p.suffix in BUILDERS and p.is_file()]
-    if not files:
-        raise ValueError(f"--data {data}: no {'/'.join(BUILDERS)} files there")
-    return files
+def open_documents(data: str, config: str | None, text_column: str) -> tuple[DocumentStream, DocumentStream]:
+    """The training and held-out documents of --data, exactly as pretraining reads them (same reader, same split);
+    opened up front so a bad path, id or column, or no network, fails right away."""
+    train = DocumentStream(data, split="train", name=config, text_column=text_column)
+    held_out = DocumentStream(data, split="val", name=config, text_column=text_column)
+    return train, held_out
 
 
-def open_datasets(data: str, config: str | None) -> list:
-    """[(source, streaming dataset), ...] for --data; opened up front so a bad id or no network fails right away."""
-    files = local_files(data)
-    if files is None:
-        return [(data, load_dataset(data, name=config, split="train", streaming=True))]
-    # one load_dataset per run of same-type files, so the documents come in file order
-    datasets = []
-    for builder, group in itertools.groupby(files, key=lambda p: BUILDERS[p.suffix]):
-        group = [str(p) for p in group]
-        extra = {"sample_by": "paragraph"} if builder == "text" else {}  # blank-line-separated documents
-        datasets.append(
-            (", ".join(group), load_dataset(builder, data_files=group, split="train", streaming=True, **extra))
-        )
-    return datasets
-
-
-def read_texts(datasets: list, text_column: str):
-    """Yield the text of every document, dataset after dataset."""
-    for source, ds in datasets:
-        for i, row in enumerate(ds):
-            if text_column not in row:
-                raise ValueError(f"--text-column {text_column!r} is not a column of {source}; columns: {sorted(row)}")
-            text = row[text_column]
-            if not isinstance(text, str):
-                raise ValueError(f"{source}, row {i}: column {text_column!r} holds {type(text).__name__}, not text")
-            if text:  # the paragraph reader yields empty rows for runs of blank lines
-                yield text
+def first_epoch(documents: DocumentStream):
+    """One pass over a training stream (DocumentStream loops forever, counting epochs)."""
+    for text in documents:
+        if documents.epoch:
+            return
+        yield text
 
 
 def main(argv=None) -> int:
@@ -102,12 +66,12 @@ def main(argv=None) -> int:
         "--data",
         default=None,
         help="Hub dataset id or local .txt/.jsonl/.json/.parquet file, directory or glob "
-        f"(default: {DEFAULT_DATA} {DEFAULT_CONFIG})",
+        f"(default: {DEFAULT_DATA} {DEFAULT_DATA_CONFIG})",
     )
     parser.add_argument(
         "--data-config",
         default=None,
-        help=f"Hub dataset config name (default: {DEFAULT_CONFIG} for the default dataset, none otherwise)",
+        help=f"Hub dataset config name (default: {DEFAULT_DATA_CONFIG} for the default dataset, none otherwise)",
     )
     parser.add_argument("--text-column", default="text", help="column holding the document text")
     parser.add_argument(
@@ -125,37 +89,25 @@ def main(argv=None) -> int:
     if args.max_chars < 1 or args.doc_cap < 1:
         parser.error("--max-chars and --doc-cap must be positive")
     data = args.data or DEFAULT_DATA
-    config = args.data_config or (DEFAULT_CONFIG if args.data is None else None)
+    config = args.data_config or (DEFAULT_DATA_CONFIG if args.data is None else None)
 
     print(f"training a {args.vocab_size:,}-token tokenizer on {data}{f' ({config})' if config else ''}")
     try:
-        datasets = open_datasets(data, config)
-    except ConnectionError as e:
-        print(
-            f"error: cannot reach the Hugging Face Hub for {data} ({e}).\n"
-            "Offline? Point --data at local text: a .txt/.jsonl/.json/.parquet file, a directory or a glob, e.g.\n"
-            "  python train/tokenizer.py --data /work/shared/data/text/tinyshakespeare.txt --vocab-size 2048",
-            file=sys.stderr,
-        )
-        return 1
+        train_docs, held_out_docs = open_documents(data, config, args.text_column)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
 
-    held_out: list[str] = []
-    n_held_out_chars = 0
     n_docs = n_chars = 0
 
     def training_texts():
-        nonlocal n_held_out_chars, n_docs, n_chars
-        with tqdm(total=args.max_chars, unit="char", unit_scale=True, desc="reading") as bar:
-            for i, text in enumerate(read_texts(datasets, args.text_column)):
+        nonlocal n_docs, n_chars
+        # local text: its size in bytes (a bound on its characters), not the 2B-character budget it never reaches
+        files = local_files(data)
+        total = min(args.max_chars, sum(os.path.getsize(f) for f in files)) if files else args.max_chars
+        with tqdm(total=total, unit="char", unit_scale=True, desc="reading", leave=False) as bar:
+            for text in first_epoch(train_docs):
                 text = text[: args.doc_cap]
-                if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1:
-                    if n_held_out_chars < HELD_OUT_MAX_CHARS:
-                        held_out.append(text)
-                        n_held_out_chars += len(text)
-                    continue
                 n_docs += 1
                 n_chars += len(text)
                 bar.update(len(text))
@@ -168,10 +120,16 @@ def main(argv=None) -> int:
         tokenizer = train_tokenizer(training_texts(), vocab_size=args.vocab_size, doc_cap=args.doc_cap)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"trained on {n_chars:,} characters in {n_docs:,} documents in {time.time() - t0:.1f}s")
 
     # Compression on held-out text (split_special_tokens: a literal "<|bos|>" in the text is text, as in nanochat)
+    held_out, n_held_out_chars = [], 0
+    for text in held_out_docs:
+        if n_held_out_chars >= HELD_OUT_MAX_CHARS:
+            break
+        held_out.append(text[: args.doc_cap])
+        n_held_out_chars += len(held_out[-1])
     if n_held_out_chars >= MIN_HELD_OUT_CHARS:
         texts, label = held_out, f"{len(held_out):,} held-out documents"
     else:

@@ -47,6 +47,8 @@ from datasets.distributed import split_dataset_by_node
 from huggingface_hub import HfApi
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 
+# nanochat pretrains (and trains its tokenizer) on FineWeb-EDU; the 10B-token sample is more than a d20 run reads
+DEFAULT_DATA, DEFAULT_DATA_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 # 1% held out: tinyshakespeare gets ~70 validation speeches, and row 0 makes even a one-row file evaluable.
 VAL_EVERY = 100
 # Streamed data without a validation split: its first 50,000 documents are validation, nanochat's one validation shard
@@ -57,7 +59,7 @@ HUB_VAL_DOCS = 50_000
 LOCAL_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def _local_files(source: str) -> list[str] | None:
+def local_files(source: str) -> list[str] | None:
     """The data files a local source names, or None when `source` is no local path (it is then a Hub dataset id)."""
     path = os.path.expanduser(source)
     if any(c in path for c in "*?["):
@@ -184,7 +186,7 @@ class DocumentStream:
                 f"source must be a path, a Hub dataset id or a streamed dataset, got {type(source).__name__}"
             )
         self.source = f"streamed {type(source).__name__}" if streamed else str(source)
-        files = None if streamed else _local_files(self.source)
+        files = None if streamed else local_files(self.source)
         check_key = None
         if files is None:
             if streamed and name is not None:
