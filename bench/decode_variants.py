@@ -4,7 +4,7 @@
     python bench/decode_variants.py onequery               # variants, alone or joined by "+", e.g. gemv+combo
     python bench/decode_variants.py shipped --tokenizer tok  # stop tokens and the python-tool machine live
 
-Variants, each slower than `shipped` when measured (docs/benchmarks.md). `cublas` and `update` switch off a part of
+Variants, each slower than `shipped` when measured (docs/benchmarks-log.md). `cublas` and `update` switch off a part of
 the library; the others patch in alternatives that are not in it:
 - cublas: without the Triton decode kernels (`inference/decode_kernels.py`): cuBLAS GEMMs, separate norms and
   adds, SDPA, the engine as it was before them;

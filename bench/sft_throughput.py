@@ -1,8 +1,8 @@
 """SFTTrainer's tokens/s and MFU on GSM8K, next to the pretraining step's at the same depth, in one command.
 
-    python bench/sft_throughput.py --gsm8k ../shared/data/gsm8k                  # one GPU: d12, SFT + pretraining step
-    python bench/sft_throughput.py --gsm8k ../shared/data/gsm8k --stage midtrain # packed rows, all tokens trained
-    python bench/sft_throughput.py --gsm8k ../shared/data/gsm8k --depth 2 --max-rows 16 --no-pretrain  # CPU smoke run
+    python bench/sft_throughput.py --gsm8k gsm8k                  # one GPU: d12, SFT + pretraining step
+    python bench/sft_throughput.py --gsm8k gsm8k --stage midtrain # packed rows, all tokens trained
+    python bench/sft_throughput.py --gsm8k gsm8k --depth 2 --max-rows 16 --no-pretrain  # CPU smoke run
 
 No pretraining run is needed first: the base model is nanochat's initialisation at --depth, saved with a chat
 tokenizer trained on the GSM8K conversations themselves (throughput does not depend on what the weights know). The

@@ -518,9 +518,9 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         if shift_labels is None and labels is not None:
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
         if loss_chunk_size and shift_labels is not None:
-            # Training without logits: the head + softcap + cross-entropy run chunk by chunk and are recomputed in
-            # the backward pass, so the (tokens x vocab) fp32 logits never exist all at once (17 GB per copy at
-            # d20, batch 32 x 2048). Same loss and gradients as below, to float rounding.
+            # Training without logits: the head + softcap + cross-entropy run chunk by chunk, each chunk's gradients
+            # computed right after its loss (FusedHeadLoss), so the (tokens x vocab) fp32 logits never exist all at
+            # once (17 GB per copy at d20, batch 32 x 2048). Same loss and gradients as below, to float rounding.
             loss = self.chunked_loss(hidden_states, shift_labels, loss_chunk_size, kwargs.get("num_items_in_batch"))
             return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -1,7 +1,7 @@
 """Pretrain the base model: nanochat's `base_train.py` as an ordinary Accelerate program.
 
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml train/pretrain.py --preset d20   # the $100 run
-    accelerate launch train/pretrain.py --preset tiny --data ../shared/data/text/tinyshakespeare.txt   # CPU, minutes
+    accelerate launch train/pretrain.py --preset tiny --data corpus.txt   # CPU, offline, minutes
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train/pretrain.py --preset tiny --data ...      # 2 CPU procs
 
 (`accelerate launch --cpu --num_processes 2` starts one process unless MPI is set up: accelerate hands multi-CPU

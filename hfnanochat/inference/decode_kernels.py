@@ -2,7 +2,7 @@
 fused in, and a split-KV ("flash decoding") attention for one query over a static cache.
 
 Why our own: at batch 1 a decode step reads every weight once and does almost nothing else, so its speed is the
-fraction of HBM bandwidth its kernels reach. Measured on a d20 step (docs/benchmarks.md): cuBLAS reaches ~40% of the
+fraction of HBM bandwidth its kernels reach. Measured on a d20 step (docs/benchmarks-log.md): cuBLAS reaches ~40% of the
 bandwidth on these one-row GEMMs, cuDNN's attention spends ~7 us a layer on a few MB of cache, and a step runs ~300
 kernels, a third of them norms and adds of one row; Inductor's own reductions and Triton GEMM templates, tried in
 their place, were slower. These kernels read each weight row once, fold the norm into the GEMV that consumes it
@@ -16,7 +16,7 @@ On Hopper and newer the kernels launch with programmatic dependent launch (PDL):
 it finishes, reads only what no kernel of the step writes (a GEMV's weights, when one block covers the row), and then
 waits for its predecessor's results (`gdc_wait`) before it reads anything else or writes anything. With PDL the
 GEMVs take one block over the whole row, so all their weight reads come before the wait: d20 batch-1 decode on one
-H200 went from ~1,535 tok/s (512-wide blocks, a separate rotary kernel and merge) to ~1,710 (docs/benchmarks.md).
+H200 went from ~1,535 tok/s (512-wide blocks, a separate rotary kernel and merge) to ~1,710 (docs/benchmarks-log.md).
 Each kernel is a `torch.library.custom_op`, so `torch.compile` keeps it inside its graph and CUDA graph; not a
 `triton_op`, whose kernels Inductor launches itself, without PDL.
 
@@ -110,7 +110,7 @@ if triton is not None:
             squares = x * x
         else:
             # several blocks along K (no PDL, or the head): the loop, after the wait. Peeling its first 512-wide
-            # block off to read it before the wait made the q/k/v and fc1 GEMVs 2x slower (docs/benchmarks.md);
+            # block off to read it before the wait made the q/k/v and fc1 GEMVs 2x slower (docs/benchmarks-log.md);
             # with PDL they take one block over the whole row instead (`_gemv_config`).
             if PDL:
                 gdc_wait()

@@ -21,7 +21,7 @@ Notable:
 - Two decode paths over the same loop: `DynamicCache` (CPU, any device) and, by default on CUDA, `StaticCache` with
   the model's `torch.compile`d forward (`get_compiled_call`, as `generate(cache_implementation="static")` uses):
   fixed shapes, so one graph (replayed as a CUDA graph) serves every step. The target is launch overhead: the seed's
-  eager Engine ran at ~2% of the H100's bandwidth bound at batch 1 (performance-reliability.md B2). Our models
+  eager Engine ran at ~2% of the H100's bandwidth bound at batch 1. Our models
   generate inside `fast_decode(model)`: one GEMM for q, k and v per layer (restacked from the weights at each call)
   and, at batch 1 on CUDA, Triton kernels with the norms and adds fused into the GEMVs (`decode_kernels`). The
   StaticCache outlives the call and is reset for the next one of the same shape: the CUDA graph is recorded over

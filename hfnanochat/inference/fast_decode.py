@@ -7,7 +7,7 @@ Decoding a token reads every weight once and runs hundreds of small kernels, so 
 context, both only with autograd off (training and gradients always see the model's own path):
 
 - each attention layer computes q, k and v with one GEMM over the three weights stacked (at batch 1 three small
-  GEMMs cost nearly three times one of their combined size, docs/benchmarks.md);
+  GEMMs cost nearly three times one of their combined size, docs/benchmarks-log.md);
 - where Triton runs (CUDA, or the interpreter), a step of one token goes through `decode_kernels`: GEMVs with the
   RMSNorms, ReLU² and residual adds fused in, and a split-KV attention over the cache. Over a StaticCache of plain
   StaticLayers, each layer's attention kernel also applies RoPE and QK-norm to the new key and value and writes them

@@ -22,7 +22,7 @@ calculator(expr) -> str | None
 
 execute(code, timeout, memory_mb) -> ExecutionResult
 - Runs code in a fresh interpreter (`sys.executable -I -B`), the way nanochat HEAD does, hardened
-  along performance-reliability.md §E3:
+  against the usual ways model-written code does harm:
   * its own session and process group, SIGKILLed as a whole when the call ends (at the wall-clock
     deadline or after a normal exit), so a grandchild it managed to spawn can't outlive the call;
   * rlimits: address space and data = memory_mb, CPU seconds = ceil(timeout)+1 (a backstop should
