@@ -21,57 +21,50 @@ Notable:
   `--no-compile` skips it); on CPU in fp32, eager.
 """
 
-import argparse
 import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .cli import ArgumentParser, fraction, main_entry, model_folder, non_negative_float, non_negative_int, positive_int
 from .inference.engine import Engine
 from .tokenizer import get_special_token_ids, render_for_completion
+from .training.export import check_model_folder
 
-
-def _checked(kind, name: str, ok, rule: str):
-    """An argparse type: parse with `kind`, then insist on `ok(value)` (argparse prints the message and exits 2)."""
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{name} must be {rule}, got {text}")
-        return value
-
-    return parse
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m hfnanochat.chat", description="Chat with a hfnanochat model.")
+    p = ArgumentParser(prog="python -m hfnanochat.chat", description="Chat with a hfnanochat model.")
     p.add_argument("--model", required=True, help="model folder or Hub id (loaded with trust_remote_code=True)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's)")
     p.add_argument("-p", "--prompt", default=None, help="send this one message, print the reply and exit")
     p.add_argument(
         "--temperature",
-        type=_checked(float, "temperature", lambda v: v >= 0, ">= 0"),
+        type=non_negative_float,
         default=0.6,
-        help="0 = greedy (default 0.6)",
+        help="0 = greedy",
     )
     p.add_argument(
         "--top-k",
-        type=_checked(int, "top-k", lambda v: v >= 0, ">= 0"),
+        type=non_negative_int,
         default=50,
-        help="sample among the k most likely tokens, 0 = off (default 50)",
+        help="sample among the k most likely tokens, 0 = off",
     )
     p.add_argument(
         "--top-p",
-        type=_checked(float, "top-p", lambda v: 0 < v <= 1, "in (0, 1]"),
+        type=fraction,
         default=None,
-        help="nucleus sampling (default off)",
+        help="nucleus sampling (None: off)",
     )
-    p.add_argument("--max-new-tokens", type=_checked(int, "max-new-tokens", lambda v: v >= 1, ">= 1"), default=256)
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        help=f"reply length (None: {DEFAULT_MAX_NEW_TOKENS}, at most half the model's context)",
+    )
     p.add_argument("--seed", type=int, default=42, help="sampling seed of the first reply (the n-th uses seed+n)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (None: cuda if available)")
     p.add_argument(
         "--no-compile",
         action="store_true",
@@ -266,19 +259,29 @@ def main(argv=None) -> int:
         sys.stdout.reconfigure(errors="replace")
     try:
         dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
+        model_name = model_folder("--model", args.model)
+        tokenizer_name = model_folder("--tokenizer", args.tokenizer) if args.tokenizer else model_name
         try:
-            model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
         except (OSError, ValueError) as e:
-            sys.stderr.write(f"[error] could not load the model or tokenizer from {args.model!r}: {e}\n")
-            return 1
-        model = model.to(args.device).eval()
+            raise ValueError(f"could not load a tokenizer from {tokenizer_name!r}: {e}") from e
+        check_model_folder(model_name)
         try:
-            engine = Engine(model, tokenizer, compile=False if args.no_compile else None)
-            chat = Chat(engine, tokenizer, args, sys.stdout, sys.stderr)
-        except ValueError as e:
-            sys.stderr.write(f"[error] {e}\n")
-            return 1
+            model = AutoModelForCausalLM.from_pretrained(model_name, trust_remote_code=True, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"could not load a model from {model_name!r}: {e}") from e
+        model = model.to(args.device).eval()
+        context = getattr(model.config, "max_position_embeddings", None)
+        if args.max_new_tokens is None:
+            args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+            if context is not None and context // 2 < DEFAULT_MAX_NEW_TOKENS:
+                args.max_new_tokens = context // 2
+                sys.stderr.write(
+                    f"[notice] replies stop at {args.max_new_tokens} tokens, half of this model's {context}-token "
+                    "context (--max-new-tokens sets it)\n"
+                )
+        engine = Engine(model, tokenizer, compile=False if args.no_compile else None)
+        chat = Chat(engine, tokenizer, args, sys.stdout, sys.stderr)
         if args.prompt is not None:
             chat.reply(args.prompt)
             return 0
@@ -290,4 +293,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry(main)

@@ -13,7 +13,6 @@ Usage:
         --tokenizer-dir ~/.cache/nanochat/tokenizer
 """
 
-import argparse
 import json
 import pickle
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .cli import ArgumentParser, check_output, main_entry, non_negative_int
 from .configuration_hfnanochat import HFNanoChatConfig
 from .modeling_hfnanochat import HFNanoChatForCausalLM
 
@@ -318,20 +318,24 @@ def nanochat_to_hf(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hfnanochat.convert", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m hfnanochat.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     native = sub.add_parser("hf-to-native", help="hfnanochat folder -> stock transformers NanoChatForCausalLM folder")
     native.add_argument("in_dir")
     native.add_argument("out_dir")
+    native.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds files")
     imp = sub.add_parser("nanochat-to-hf", help="nanochat checkpoint dir -> hfnanochat folder")
     imp.add_argument("ckpt_dir")
     imp.add_argument("out_dir")
-    imp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    imp.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds files")
+    imp.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step (None: the latest)")
     imp.add_argument("--tokenizer-dir", default=None, help="nanochat tokenizer dir holding tokenizer.pkl")
-    imp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="cast weights (default: keep)")
+    imp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="cast weights (None: keep)")
     imp.add_argument("--qk-scale", type=float, default=None, help="override the detected q/k scale")
     imp.add_argument("--rope-theta", type=float, default=None, help="override the detected RoPE base")
     args = parser.parse_args(argv)
+    # the new folder replaces the old one only once it is complete (written beside it, then renamed)
+    check_output(args.out_dir, resume=False, overwrite=args.overwrite, what="model folder")
     if args.command == "hf-to-native":
         out = hf_to_native(args.in_dir, args.out_dir)
     else:
@@ -350,4 +354,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

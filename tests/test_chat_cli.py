@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from test_engine import encode, scripted_model, syllable_text, tool_script
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from hfnanochat import HFNanoChatForCausalLM
 from hfnanochat.chat import Chat, StreamPrinter, parse_args
@@ -82,11 +82,11 @@ def test_empty_prompt_and_invalid_flag_exit_with_argparse_errors(model_dir, args
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--temperature", "-1"], "temperature must be >= 0"),
-        (["--temperature", "warm"], "invalid float value 'warm'"),
-        (["--top-k", "-3"], "top-k must be >= 0"),
-        (["--top-p", "1.5"], "top-p must be in (0, 1]"),
-        (["--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
+        (["--temperature", "-1"], "argument --temperature: expected a number >= 0, got -1"),
+        (["--temperature", "warm"], "expected a number >= 0, got 'warm'"),
+        (["--top-k", "-3"], "argument --top-k: expected an integer >= 0, got -3"),
+        (["--top-p", "1.5"], "argument --top-p: expected a fraction in (0, 1], got 1.5"),
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: expected a positive integer, got 0"),
         (["-p", "caf\udce9"], "-p/--prompt is not valid UTF-8"),  # how Python hands over a non-UTF-8 argv byte
         (["--device", "gpu7"], "--device"),
     ],
@@ -102,10 +102,16 @@ def test_flag_values_are_checked(capsys, args, message):
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     from hfnanochat.chat import main
+    from hfnanochat.cli import run
 
-    assert main(["--model", str(tmp_path / "no_such_model"), "-p", "hi", "--device", "cpu"]) == 1
+    assert run(main, ["--model", str(tmp_path / "no_such_model"), "-p", "hi", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"error: --model {tmp_path / 'no_such_model'}: no such folder\n"
+    assert run(main, ["--model", str(tmp_path), "--tokenizer", "out/tok/", "-p", "hi", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "error: --tokenizer out/tok/: no such folder\n"
+    (tmp_path / "empty").mkdir()
+    assert run(main, ["--model", str(tmp_path / "empty"), "-p", "hi", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "[error] could not load the model or tokenizer from" in err and "no_such_model" in err
+    assert err.startswith(f"error: could not load a tokenizer from '{tmp_path / 'empty'}'") and err.count("\n") == 1
 
 
 def test_ctrl_c_exits_without_a_traceback(model_dir):
@@ -157,3 +163,15 @@ def test_messages_are_stripped_like_nanochat(model_dir, tokenizer):
     chat.clear()
     chat.reply("what is 12 times 7")
     assert chat.tokens == padded and out.getvalue() == REPLY * 2
+
+
+def test_default_reply_length_fits_a_small_context(model_dir, capsys):
+    """The README's `python -m hfnanochat.chat --model out/pretrain/final -p hello` on the tiny preset's model: the
+    default reply length is cut to half the context, and the CLI says so instead of failing."""
+    from hfnanochat.chat import main
+
+    context = AutoConfig.from_pretrained(model_dir, trust_remote_code=True).max_position_embeddings
+    assert context < 2 * 256  # the default of 256 would not leave room for a prompt
+    assert main(["--model", str(model_dir), "-p", "hello", "--device", "cpu", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"replies stop at {context // 2} tokens, half of this model's {context}-token context" in err

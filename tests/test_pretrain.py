@@ -193,7 +193,8 @@ def straight(data, tmp_path_factory):
 
 def test_resume_is_bit_exact_after_a_crash(data, straight, tmp_path, capsys):
     # The crash: the run died during step 10, after the checkpoint of step 6. It left the metrics of steps 1-9 and
-    # half a line, a half-written temporary checkpoint, and a step_ folder without trainer_state.json.
+    # half a line, a half-written temporary checkpoint, and a step_ folder without trainer_state.json; a corrupted
+    # checkpoint of step 8 lies beside them.
     out = tmp_path / "crashed"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "step_000006", out / "checkpoints" / "step_000006")
@@ -204,10 +205,17 @@ def test_resume_is_bit_exact_after_a_crash(data, straight, tmp_path, capsys):
     partial = out / "checkpoints" / "step_000009"
     shutil.copytree(straight / "checkpoints" / "step_000006" / "model", partial / "model")
     shutil.copy(straight / "checkpoints" / "step_000006" / "optimizer.bin", partial / "optimizer.bin")
+    # and a checkpoint with every file in place whose weights a full disk cut short: its manifest gives it away
+    truncated = out / "checkpoints" / "step_000008"
+    shutil.copytree(straight / "checkpoints" / "step_000006", truncated)
+    weights = truncated / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
 
     capsys.readouterr()
     run(data, out, "--num-iterations", "12", "--eval-every", "4", "--save-every", "6", "--resume")
-    assert f"resumed from {out / 'checkpoints' / 'step_000006'} at step 6" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"skipping checkpoint step_000008: {weights} has 1000 bytes" in printed
+    assert f"resumed from {out / 'checkpoints' / 'step_000006'} at step 6" in printed
 
     a, b = metrics(straight), metrics(out)
     assert [r["step"] for r in b] == list(range(1, 13))  # steps 7-9 redone, not duplicated; the cut line is gone

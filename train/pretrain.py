@@ -29,8 +29,6 @@ import argparse
 import itertools
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,24 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
+from hfnanochat.cli import (
+    ArgumentParser,
+    check_output,
+    clear_output,
+    fraction,
+    main_entry,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from hfnanochat.tokenizer import load_token_bytes
+from hfnanochat.training.checkpoint import (
+    checkpoint_model_as_hf_folder,
+    find_checkpoint,
+    last_good,
+    save_checkpoint,
+)
 from hfnanochat.training.data import DEFAULT_DATA, DEFAULT_DATA_CONFIG, BOSBestFitLoader, DocumentStream, evaluate_bpb
 from hfnanochat.training.export import save_final
 from hfnanochat.training.metrics import append_jsonl, peak_flops, truncate_metrics
@@ -78,13 +93,11 @@ SAMPLE_PROMPTS = [
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults for a tier; explicit flags win")
     # model
-    p.add_argument("--depth", type=int, default=20, help="layers; width = 64 * depth")
-    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--depth", type=positive_int, default=20, help="layers; width = 64 * depth")
+    p.add_argument("--max-seq-len", type=positive_int, default=2048)
     p.add_argument("--window-pattern", default="L", help="2026 sliding windows, e.g. SSSL (L = full context)")
     p.add_argument(
         "--arch-2026",
@@ -92,24 +105,28 @@ def parse_args(argv=None):
         help="value embeddings, residual scalars, qk x1.2, smear, backout, RoPE 100k",
     )
     # batch and horizon
-    p.add_argument("--device-batch-size", type=int, default=32, help="rows per GPU per micro-step")
-    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (2**19)")
-    p.add_argument("--num-iterations", type=int, default=-1, help="explicit number of steps (overrides the rest)")
-    p.add_argument("--target-flops", type=float, default=-1.0, help="horizon from a FLOP budget")
-    p.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla 20)")
+    p.add_argument("--device-batch-size", type=positive_int, default=32, help="rows per GPU per micro-step")
+    p.add_argument("--total-batch-size", type=positive_int, default=524288, help="tokens per optimizer step (2**19)")
+    p.add_argument(
+        "--num-iterations", type=positive_int, default=None, help="explicit number of steps (overrides the rest)"
+    )
+    p.add_argument("--target-flops", type=positive_float, default=None, help="horizon from a FLOP budget")
+    p.add_argument(
+        "--target-param-data-ratio", type=positive_float, default=20.0, help="tokens per parameter (Chinchilla 20)"
+    )
     # optimizer (nanochat's seed values)
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon")
-    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW, scaled by (d/768)^-0.5")
-    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW, scaled by (d/768)^-0.5")
-    p.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW, 2026 scalars")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay (seed: 0)")
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--matrix-lr", type=non_negative_float, default=0.02, help="Muon")
+    p.add_argument("--embedding-lr", type=non_negative_float, default=0.2, help="AdamW, scaled by (d/768)^-0.5")
+    p.add_argument("--unembedding-lr", type=non_negative_float, default=0.004, help="AdamW, scaled by (d/768)^-0.5")
+    p.add_argument("--scalar-lr", type=non_negative_float, default=0.5, help="AdamW, 2026 scalars")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="Muon weight decay (seed: 0)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0)
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="linear decay over the last fraction of steps")
-    p.add_argument("--final-lr-frac", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
+    p.add_argument("--final-lr-frac", type=non_negative_float, default=0.0)
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="0 disables")
     p.add_argument(
         "--loss-chunk-size",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="compute head + loss this many tokens at a time (saves the fp32 logits' memory); 0: off",
     )
@@ -117,26 +134,33 @@ def parse_args(argv=None):
     p.add_argument("--data", default=DEFAULT_DATA, help="Hub dataset id or local txt/jsonl/parquet path")
     p.add_argument("--data-name", default=None, help="config name of a Hub dataset (FineWeb-EDU: sample-10BT)")
     p.add_argument("--text-column", default="text")
-    p.add_argument("--data-streams", type=int, default=None, help="fixed data shards (default: the world size)")
+    p.add_argument(
+        "--data-streams", type=positive_int, default=None, help="fixed data shards (default: the world size)"
+    )
     p.add_argument("--tokenizer", default="out/tokenizer", help="folder written by train/tokenizer.py")
     # evaluation, checkpoints, logging
-    p.add_argument("--eval-every", type=int, default=250, help="validation bpb every N steps (0: only at the end)")
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
+    p.add_argument(
+        "--eval-every", type=non_negative_int, default=250, help="validation bpb every N steps (0: only at the end)"
+    )
+    p.add_argument("--eval-tokens", type=positive_int, default=20 * 524288, help="validation tokens per evaluation")
     p.add_argument(
         "--eval-device-batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="rows per evaluation forward (default: --device-batch-size; lower it for a small corpus)",
     )
-    p.add_argument("--sample-every", type=int, default=2000, help="greedy samples from fixed prompts")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep")
+    p.add_argument("--sample-every", type=non_negative_int, default=2000, help="greedy samples from fixed prompts")
+    p.add_argument(
+        "--save-every", type=non_negative_int, default=1000, help="checkpoint every N steps (and at the end)"
+    )
+    p.add_argument("--keep-checkpoints", type=positive_int, default=2, help="how many step checkpoints to keep")
     p.add_argument("--resume", nargs="?", const="latest", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (default: refuse to)")
     p.add_argument("--out", default="out/pretrain")
     p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none")
     p.add_argument(
         "--activation-memory-budget",
-        type=float,
+        type=fraction,
         default=1.0,
         help="compiled runs: fraction of activation memory to keep (below 1 recomputes some in backward)",
     )
@@ -179,35 +203,12 @@ def model_config(args, tokenizer) -> HFNanoChatConfig:
 
 def num_steps(args, model, flops_per_token) -> int:
     # precedence as nanochat: explicit steps > FLOP budget > tokens:params ratio
-    if args.num_iterations > 0:
+    if args.num_iterations is not None:
         return args.num_iterations
-    if args.target_flops > 0:
+    if args.target_flops is not None:
         return round(args.target_flops / (flops_per_token * args.total_batch_size))
     params = sum(p.numel() for p in model.parameters())
     return round(args.target_param_data_ratio * params / args.total_batch_size)
-
-
-def is_complete(path: Path) -> bool:
-    # trainer_state.json is the last file written into the temporary folder, so a folder without it was cut short
-    return (path / "trainer_state.json").is_file() and (path / "model" / "config.json").is_file()
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """OUT/checkpoints/step_NNNNNN folders, complete or not, oldest first (by step number, not by name)."""
-    found = [p for p in (out / "checkpoints").glob("step_*") if p.name[5:].isdigit() and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def find_checkpoint(out: Path, resume: str) -> Path:
-    if resume != "latest":
-        path = Path(resume)
-        if not is_complete(path):
-            raise ValueError(f"--resume {resume}: not a complete checkpoint folder (no trainer_state.json or model/)")
-        return path
-    found = [p for p in checkpoints(out) if is_complete(p)]  # a crash can leave a partial folder: skip it
-    if not found:
-        raise ValueError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
-    return found[-1]
 
 
 # config field -> the flag that sets it, so that a mismatch says what to change
@@ -242,16 +243,65 @@ def check_resume_config(path: Path, config: HFNanoChatConfig, args):
     return state
 
 
+def evaluate(model, raw_model, accelerator, make_val_loader, streams: list[int], token_bytes, args) -> float:
+    """Validation bits per byte over `--eval-tokens` tokens, the same tokens at every evaluation."""
+    model.eval()
+    rows = args.eval_device_batch_size or args.device_batch_size
+    eval_steps = max(1, args.eval_tokens // (rows * args.max_seq_len * args.data_streams))
+    # A fresh validation loader every time, so every evaluation sees the same tokens. Every stream contributes the
+    # same number of batches (the smallest any stream has), so the evaluation set does not depend on how streams are
+    # spread over processes, and every rank runs the same number of forwards (FSDP needs that).
+    per_stream = [list(itertools.islice(make_val_loader(s, rows), eval_steps)) for s in streams]
+    n = torch.tensor(min(len(b) for b in per_stream), device=accelerator.device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+    if n.item() == 0:
+        raise ValueError(
+            f"the validation split of {args.data} is too small for one batch of {rows} x {args.max_seq_len} "
+            "tokens: evaluate on fewer rows at a time with --eval-device-batch-size"
+        )
+    batches = [batch for stream_batches in per_stream for batch in stream_batches[: n.item()]]
+    with torch.no_grad(), accelerator.autocast():
+        bpb = evaluate_bpb(raw_model, batches, token_bytes)
+    model.train()
+    return bpb
+
+
+def sample(raw_model, tokenizer, accelerator) -> None:
+    """Greedy continuations of SAMPLE_PROMPTS, printed."""
+    raw_model.eval()
+    for prompt in SAMPLE_PROMPTS:
+        ids = [[tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)]
+        with torch.no_grad(), accelerator.autocast():
+            outp = raw_model.generate(
+                torch.tensor(ids, device=accelerator.device),
+                max_new_tokens=16,
+                do_sample=False,
+                use_cache=True,
+                eos_token_id=tokenizer.bos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        accelerator.print(f"  {tokenizer.decode(outp[0, 1:])!r}")
+    raw_model.train()
+
+
+def weights_are_finite(raw_model, accelerator) -> bool:
+    # Each rank checks what it holds (all weights under DDP, its shards under FSDP); the verdict is shared so that
+    # every rank saves, or stops, together.
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in raw_model.parameters()]
+    finite = torch.tensor(float(all(torch.isfinite(p).all() for p in local)), device=accelerator.device)
+    return accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes
+
+
 def main(argv=None):
     args = parse_args(argv)
     # Below 1, the compiler's partitioner recomputes in the backward pass whatever activations it takes to keep
     # the saved ones under this fraction of what it would save otherwise (d20 at 32 rows on an H100: 0.9 -> 49
     # instead of 75 GiB for ~2.5 points of MFU, docs/benchmarks.md): a way to fit a GPU with less memory besides
     # fewer rows.
-    if not 0 < args.activation_memory_budget <= 1:
-        raise ValueError(f"--activation-memory-budget {args.activation_memory_budget}: a fraction in (0, 1]")
     torch._functorch.config.activation_memory_budget = args.activation_memory_budget
     out = Path(args.out)
+    replace = check_output(out, resume=args.resume is not None, overwrite=args.overwrite, what="pretraining run")
     accelerator = Accelerator(
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=str(out),
@@ -267,10 +317,6 @@ def main(argv=None):
 
     # -- validate everything cheap before any GPU time is spent ---------------------------------------------------
     tokens_per_micro = args.device_batch_size * args.max_seq_len
-    if args.keep_checkpoints < 1:
-        raise ValueError(f"--keep-checkpoints {args.keep_checkpoints}: keep at least the newest checkpoint")
-    if args.eval_device_batch_size is not None and args.eval_device_batch_size < 1:
-        raise ValueError(f"--eval-device-batch-size {args.eval_device_batch_size}: needs at least one row")
     if args.data_streams % world:
         raise ValueError(f"--data-streams {args.data_streams} must be a multiple of the {world} processes")
     if args.total_batch_size % (tokens_per_micro * world):
@@ -295,7 +341,7 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     token_bytes = load_token_bytes(args.tokenizer).to(device)
     config = model_config(args, tokenizer)
-    resume_path = find_checkpoint(out, args.resume) if args.resume else None
+    resume_path = find_checkpoint(out, args.resume, accelerator.print) if args.resume else None
     resume_state = check_resume_config(resume_path, config, args) if resume_path else None
 
     if args.data == DEFAULT_DATA and args.data_name is None:
@@ -345,30 +391,7 @@ def main(argv=None):
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     raw_model = getattr(raw_model, "_orig_mod", raw_model)
 
-    def full_state_dict():
-        # gathers the shards under FSDP (a collective: every rank calls it); names as in the plain module
-        return {k.removeprefix("_orig_mod."): v for k, v in accelerator.get_state_dict(model).items()}
-
-    # The model is checkpointed as a from_pretrained-able HF folder. Under DDP that folder *is* the model state, so
-    # accelerate's own copy is skipped; under FSDP accelerate keeps its sharded-model files (it knows how to load
-    # them into shards) and the HF folder is written beside them from the gathered full state dict.
-
-    def save_model_hook(models, weights, output_dir):
-        state_dict = full_state_dict()
-        if accelerator.is_main_process:
-            raw_model.save_pretrained(Path(output_dir) / "model", state_dict=state_dict)
-        if not fsdp:
-            weights.clear()
-
-    def load_model_hook(models, input_dir):
-        if fsdp:
-            return
-        loaded = HFNanoChatForCausalLM.from_pretrained(Path(input_dir) / "model", dtype=torch.float32)
-        raw_model.load_state_dict(loaded.state_dict())
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    full_state_dict = checkpoint_model_as_hf_folder(accelerator, model, raw_model, fsdp)
 
     step, smooth_loss, total_time, val_bpb = 0, 0.0, 0.0, None
     if resume_state:
@@ -403,100 +426,37 @@ def main(argv=None):
     )
     metrics_file = out / "metrics.jsonl"
     if accelerator.is_main_process:
+        if replace:  # --overwrite: checked up front, done only now that the new run is ready to start
+            clear_output(out)
         out.mkdir(parents=True, exist_ok=True)
         if metrics_file.exists():
             truncate_metrics(metrics_file, step)
 
-    def evaluate() -> float:
-        model.eval()
-        rows = args.eval_device_batch_size or args.device_batch_size
-        eval_steps = max(1, args.eval_tokens // (rows * args.max_seq_len * args.data_streams))
-        # A fresh validation loader every time, so every evaluation sees the same tokens. Every stream contributes
-        # the same number of batches (the smallest any stream has), so the evaluation set does not depend on how
-        # streams are spread over processes, and every rank runs the same number of forwards (FSDP needs that).
-        per_stream = [
-            list(itertools.islice(make_loader("val", s, args.data_streams, rows), eval_steps)) for s in streams
-        ]
-        n = torch.tensor(min(len(b) for b in per_stream), device=device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
-        if n.item() == 0:
-            raise ValueError(
-                f"the validation split of {args.data} is too small for one batch of {rows} x {args.max_seq_len} "
-                "tokens: evaluate on fewer rows at a time with --eval-device-batch-size"
-            )
-        batches = [batch for stream_batches in per_stream for batch in stream_batches[: n.item()]]
-        with torch.no_grad(), accelerator.autocast():
-            bpb = evaluate_bpb(raw_model, batches, token_bytes)
-        model.train()
-        return bpb
-
-    def sample():
-        raw_model.eval()
-        for prompt in SAMPLE_PROMPTS:
-            ids = torch.tensor(
-                [[tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)], device=device
-            )
-            with torch.no_grad(), accelerator.autocast():
-                outp = raw_model.generate(
-                    ids,
-                    max_new_tokens=16,
-                    do_sample=False,
-                    use_cache=True,
-                    eos_token_id=tokenizer.bos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            accelerator.print(f"  {tokenizer.decode(outp[0, 1:])!r}")
-        raw_model.train()
+    def make_val_loader(stream: int, rows: int) -> BOSBestFitLoader:
+        return make_loader("val", stream, args.data_streams, rows)
 
     def stop(reason: str):
         bar.close()  # stop() is only called from inside the loop, where the bar exists
         for loader in train_loaders:
             loader.close()
-        good = [p for p in checkpoints(out) if is_complete(p)]
+        good = last_good(out)
         accelerator.print(
             f"{reason}; stopping. The last good checkpoint is "
-            + (f"{good[-1]}: resume from it with a lower LR" if good else "none: none was saved yet")
+            + (f"{good}: resume from it with a lower LR" if good else "none: none was saved yet")
         )
         accelerator.end_training()
         sys.exit(1)
 
-    def weights_are_finite() -> bool:
-        # Each rank checks what it holds (all weights under DDP, its shards under FSDP); the verdict is shared so
-        # that every rank saves, or stops, together.
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in raw_model.parameters()]
-        finite = torch.tensor(float(all(torch.isfinite(p).all() for p in local)), device=device)
-        return accelerator.reduce(finite, reduction="sum").item() == world
-
-    def save_checkpoint():
-        if not weights_are_finite():
+    def save():
+        if not weights_are_finite(raw_model, accelerator):
             stop(f"step {step}: the weights are not finite (the last update overflowed), so they are not saved")
-        final = out / "checkpoints" / f"step_{step:06d}"
-        tmp = out / "checkpoints" / f".tmp_step_{step:06d}"
-        if accelerator.is_main_process:
-            for stale in (out / "checkpoints").glob(".tmp_*"):  # left by a crash mid-write or mid-delete
-                shutil.rmtree(stale)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        for s, loader in zip(streams, train_loaders):  # data position is per stream, so every rank writes its own
-            torch.save(loader.state_dict(), tmp / f"data_stream{s}.pt")
-        if accelerator.is_main_process:
-            state = dict(step=step, smooth_loss=smooth_loss, total_time=total_time, val_bpb=val_bpb, args=vars(args))
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # atomic on POSIX: readers see the old set of checkpoints or the new one
-            complete = [p for p in checkpoints(out) if is_complete(p)]
-            partial = [p for p in checkpoints(out) if not is_complete(p)]
-            for old in complete[: -args.keep_checkpoints] + partial:
-                # renamed first, so that a crash mid-delete leaves a .tmp_ folder (cleaned up above), never a step_
-                # folder that lacks files
-                trash = old.with_name(f".tmp_delete_{old.name}")
-                os.replace(old, trash)
-                shutil.rmtree(trash)
-        accelerator.wait_for_everyone()
+
+        def data_positions(folder: Path):  # per stream, so every rank writes its own
+            for s, loader in zip(streams, train_loaders):
+                torch.save(loader.state_dict(), folder / f"data_stream{s}.pt")
+
+        state = dict(step=step, smooth_loss=smooth_loss, total_time=total_time, val_bpb=val_bpb, args=vars(args))
+        save_checkpoint(accelerator, out, step, args.keep_checkpoints, data_positions, state)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     model.train()
@@ -504,7 +464,7 @@ def main(argv=None):
     while True:
         last_step = step == steps
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0) or (last_step and args.eval_every <= 0):
-            val_bpb = evaluate()
+            val_bpb = evaluate(model, raw_model, accelerator, make_val_loader, streams, token_bytes, args)
             accelerator.print(f"step {step:05d} | validation bpb {val_bpb:.4f}")
             accelerator.log({"val/bpb": val_bpb}, step=step)
         # samples come from the main process; under FSDP every rank must join the sharded forwards (same greedy
@@ -514,10 +474,10 @@ def main(argv=None):
             and args.sample_every > 0
             and (last_step or (step > 0 and step % args.sample_every == 0))
         ):
-            sample()
+            sample(raw_model, tokenizer, accelerator)
         if step > 0 and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
             if not (resume_state and step == resume_state["step"]):
-                save_checkpoint()
+                save()
         if last_step:
             break
 
@@ -605,4 +565,4 @@ def run_core_if_available(model_dir: Path):
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

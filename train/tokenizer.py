@@ -17,13 +17,13 @@ Notable:
 - The folder written by `--out` loads with `AutoTokenizer.from_pretrained` and holds `token_bytes.pt` for bpb.
 """
 
-import argparse
 import os
 import sys
 import time
 
 from tqdm import tqdm
 
+from hfnanochat.cli import ArgumentParser, check_output, clear_output, positive_int
 from hfnanochat.tokenizer import save_tokenizer, token_bytes, train_tokenizer
 from hfnanochat.training.data import DEFAULT_DATA, DEFAULT_DATA_CONFIG, DocumentStream, local_files
 
@@ -61,7 +61,7 @@ def first_epoch(documents: DocumentStream):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Train nanochat's byte-level BPE tokenizer")
+    parser = ArgumentParser(description="Train nanochat's byte-level BPE tokenizer")
     parser.add_argument(
         "--data",
         default=None,
@@ -76,18 +76,24 @@ def main(argv=None) -> int:
     parser.add_argument("--text-column", default="text", help="column holding the document text")
     parser.add_argument(
         "--max-chars",
-        type=int,
+        type=positive_int,
         default=2_000_000_000,
         help="stop after this many training characters (the speedrun's budget)",
     )
-    parser.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
     parser.add_argument(
-        "--vocab-size", type=int, default=65536, help="vocabulary size including the 9 special tokens (2**16)"
+        "--doc-cap", type=positive_int, default=10_000, help="crop each document to this many characters"
+    )
+    parser.add_argument(
+        "--vocab-size", type=positive_int, default=65536, help="vocabulary size including the 9 special tokens (2**16)"
     )
     parser.add_argument("--out", default="out/tokenizer", help="output folder (AutoTokenizer-loadable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace what --out holds (default: refuse to)")
     args = parser.parse_args(argv)
-    if args.max_chars < 1 or args.doc_cap < 1:
-        parser.error("--max-chars and --doc-cap must be positive")
+    try:  # checked before hours of training, replaced only once the new tokenizer is saved
+        replace = check_output(args.out, resume=False, overwrite=args.overwrite, what="tokenizer")
+    except (FileExistsError, NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     data = args.data or DEFAULT_DATA
     config = args.data_config or (DEFAULT_DATA_CONFIG if args.data is None else None)
 
@@ -150,6 +156,8 @@ def main(argv=None) -> int:
         return 1
     print(f"round-trip check OK ({len(ids)} tokens)")
 
+    if replace:
+        clear_output(args.out)
     out = save_tokenizer(tokenizer, args.out)
     print(f"saved {len(tokenizer):,}-token tokenizer and token_bytes.pt to {out}")
     return 0

@@ -29,6 +29,7 @@ import datasets
 from datasets import Features, List, Value
 
 from ..tokenizer import SPECIAL_TOKENS, normalize_conversation, render_conversation
+from ..training.data import check_hub_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +138,8 @@ def load_split(source: str, split: str, name: str | None = None) -> datasets.Dat
     elif path.suffix in LOCAL_KINDS or source.startswith(("/", ".", "~")):
         raise ValueError(f"data path {source!r} does not exist")
     else:
-        try:
-            return datasets.load_dataset(source, name, split=split)
-        except ConnectionError as e:  # offline, or the Hub is down
-            raise ValueError(f"{e}. Point the task at a local copy instead (train/*.py: --source TASK=PATH)") from e
+        check_hub_dataset(source)
+        return datasets.load_dataset(source, name, split=split)
     kinds = {LOCAL_KINDS.get(Path(f).suffix) for f in files}
     if None in kinds or len(kinds) > 1:
         raise ValueError(f"{source}: expected files of one kind among {', '.join(LOCAL_KINDS)}, got {files}")

@@ -93,22 +93,27 @@ def _paragraphs(files: list[str]) -> Iterator[dict]:
     """Rows {"text": paragraph} of .txt files, a paragraph being the lines between blank (or blank-looking) lines."""
     for path in files:
         with open(path, encoding="utf-8") as f:
-            lines = []
-            for line in f:
-                if line.strip():
-                    lines.append(line)
-                elif lines:
-                    yield {"text": "".join(lines).rstrip("\n")}
-                    lines = []
+            lines, line_number = [], 0
+            try:
+                for line_number, line in enumerate(f, start=1):  # noqa: B007 (read in the except)
+                    if line.strip():
+                        lines.append(line)
+                    elif lines:
+                        yield {"text": "".join(lines).rstrip("\n")}
+                        lines = []
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}: not UTF-8 text (after line {line_number}: {e.reason} at byte {e.start} of a read "
+                    "block); convert it to UTF-8 or leave it out of --data"
+                ) from None
             if lines:
                 yield {"text": "".join(lines).rstrip("\n")}
 
 
-@functools.cache
-def _hub_dataset(repo_id: str, name: str | None) -> datasets.IterableDatasetDict:
-    """The streamed splits of a Hub dataset; cached, since every evaluation opens fresh validation streams."""
+def check_hub_dataset(repo_id: str) -> None:
+    """One quick request before `load_dataset`: offline, `load_dataset` retries for ~25 s and then fails with chained
+    tracebacks; this says in one line what is wrong and what to do instead."""
     try:
-        # one quick request first: offline, `load_dataset` retries for ~25 s before failing with a vaguer message
         HfApi().dataset_info(repo_id, timeout=10)
     except GatedRepoError:
         raise
@@ -119,8 +124,15 @@ def _hub_dataset(repo_id: str, name: str | None) -> datasets.IterableDatasetDict
     except Exception as e:  # no HTTP answer at all: DNS failure, refused connection, timeout, HF_HUB_OFFLINE=1
         raise ValueError(
             f"could not reach the Hugging Face Hub for dataset {repo_id!r} ({type(e).__name__}: {e}). "
-            "This machine seems offline: pass --data PATH with local .txt/.jsonl/.parquet files."
-        ) from e
+            "This machine seems offline: use local files instead (--data PATH; train/sft.py: --source TASK=PATH, "
+            "or --preset tiny, which needs no download)"
+        ) from None
+
+
+@functools.cache
+def _hub_dataset(repo_id: str, name: str | None) -> datasets.IterableDatasetDict:
+    """The streamed splits of a Hub dataset; cached, since every evaluation opens fresh validation streams."""
+    check_hub_dataset(repo_id)
     return datasets.load_dataset(repo_id, name, streaming=True)
 
 

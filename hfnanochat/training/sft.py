@@ -1,5 +1,5 @@
-"""What `train/midtrain.py` and `train/sft.py` share: nanochat's schedules inside TRL's `SFTTrainer`, the optimizer
-options, the data options, `metrics.jsonl` and the final folder.
+"""Chat training on TRL's `SFTTrainer` (`train/sft.py`, both mixtures): nanochat's schedules inside the trainer,
+`metrics.jsonl`, the mixture's parts and the final folder.
 
 Notable:
 - `NanochatSFTTrainer` is `SFTTrainer` with one documented hook overridden, `create_scheduler`: TRL builds the
@@ -9,36 +9,29 @@ Notable:
   scheduler, and `learning_rate` in the logs is the real one. `_load_optimizer_and_scheduler` is overridden too: a
   resume keeps this run's rates (the checkpoint's state carries the old ones), so "resume with a lower learning rate"
   after a divergence really trains at the lower rates.
-- Optimizers: Muon + AdamW at nanochat's rates (`MuonAdamWFactory` through `optimizer_cls_and_kwargs`, built after
-  the model is wrapped), or transformers' AdamW at one rate (`--optimizer adamw`), or LoRA adapters (PEFT) trained
-  with AdamW. No gradient clipping: nanochat clips only in pretraining. A rate flag the chosen optimizer would
-  ignore (`--lr` with Muon, `--matrix-lr` with AdamW, `--lora-rank` without `--lora`) is a ValueError.
-- `--max-rows` stops every part of the mixture at its share, so a quick run keeps the recipe's proportions.
+- `load_parts` stops every part of a mixture at its share of `max_rows`, so a quick run keeps the recipe's
+  proportions.
 - A non-finite loss stops the run without saving that step's checkpoint: `--resume` picks the last good one.
 - The final folder is what the next stage loads: weights (LoRA merged in; the adapter is kept next to it), tokenizer
   with the chat template, `token_bytes.pt`, `generation_config.json` that stops on `<|assistant_end|>`.
 """
 
-import argparse
 import functools
 import math
 import os
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTTrainer
 
-from .. import tasks
 from ..tokenizer import get_special_token_ids
-from .export import save_final
+from .export import check_model_folder, save_final
 from .metrics import append_jsonl, peak_flops, truncate_metrics
-from .optim import MuonAdamWFactory, lr_multiplier, muon_momentum
+from .optim import lr_multiplier, muon_momentum
 
 # every matrix of the decoder layers; TRL rejects an adapter on lm_head (its fused head reads lm_head.weight directly)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
@@ -155,97 +148,6 @@ class MetricsCallback(TrainerCallback):
             control.should_save = False  # set by the default flow on a save step, before this log
 
 
-def add_common_arguments(p: argparse.ArgumentParser, adamw_lr: float) -> None:
-    """Model, data, optimizer and run flags both stages take."""
-    p.add_argument("--model", required=True, help="HF folder of the previous stage (loaded with trust_remote_code)")
-    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, final/ (the HF folder)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the model's context)")
-    # data
-    p.add_argument(
-        "--data",
-        nargs="+",
-        default=None,
-        help="your own JSONL file(s) of conversations, used instead of the public datasets",
-    )
-    p.add_argument(
-        "--recipe",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the stage's public datasets (--no-recipe: only --data / --identity / --spelling)",
-    )
-    p.add_argument(
-        "--source",
-        action="append",
-        default=[],
-        metavar="TASK=PATH",
-        help=f"local copy (file or folder) of a public dataset, TASK in {', '.join(SOURCES)}",
-    )
-    p.add_argument("--identity", action="store_true", help="add identity conversations (who the model is)")
-    p.add_argument(
-        "--identity-name",
-        default=None,
-        help="the name the generated identity conversations give the model (default nanochat)",
-    )
-    p.add_argument("--identity-file", default=None, help="JSONL of identity conversations instead of the generated")
-    p.add_argument("--spelling", action="store_true", help="add nanochat's SimpleSpelling + SpellingBee tasks")
-    p.add_argument(
-        "--max-rows",
-        type=int,
-        default=None,
-        help="train on at most this many conversations, each part of the mixture cut to its share of them (quick runs)",
-    )
-    p.add_argument(
-        "--num-proc",
-        type=int,
-        default=max(1, min(16, (os.cpu_count() or 2) // 2)),
-        help="processes for dataset preparation (568K conversations take minutes on one)",
-    )
-    # optimizer
-    p.add_argument(
-        "--optimizer",
-        choices=["muon", "adamw"],
-        default=None,
-        help="muon: Muon + AdamW at nanochat's rates (the default); adamw: one AdamW at --lr (the default with --lora)",
-    )
-    # None = not given: the Muon rates default to build_optimizer's, and a rate the optimizer would ignore raises
-    p.add_argument("--matrix-lr", type=float, default=None, help="--optimizer muon: Muon's rate (default 0.02)")
-    p.add_argument(
-        "--embedding-lr",
-        type=float,
-        default=None,
-        help="--optimizer muon: AdamW rate of the embeddings, scaled by (d/768)^-0.5 (default 0.2)",
-    )
-    p.add_argument(
-        "--unembedding-lr",
-        type=float,
-        default=None,
-        help="--optimizer muon: AdamW rate of lm_head, scaled by (d/768)^-0.5 (default 0.004)",
-    )
-    p.add_argument("--lr", type=float, default=None, help=f"--optimizer adamw rate (default {adamw_lr:g}; LoRA 10x)")
-    p.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT) instead of all weights")
-    p.add_argument("--lora-rank", type=int, default=None, help="--lora: adapter rank (default 16)")
-    p.add_argument("--lora-alpha", type=int, default=None, help="--lora: adapter scale alpha/rank (default 32)")
-    # run
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: no checkpoints)")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--resume", nargs="?", const="latest", default=None, help="'latest' or a checkpoint folder")
-    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none")
-    p.add_argument("--seed", type=int, default=42)
-    p.set_defaults(adamw_lr=adamw_lr)
-
-
-def parse_sources(entries: list[str]) -> dict[str, dict]:
-    """--source TASK=PATH flags -> {task: {"source": path}}, to splat into the task's call ({} keeps the Hub)."""
-    sources = defaultdict(dict)
-    for entry in entries:
-        task, sep, path = entry.partition("=")
-        if not sep or task not in SOURCES or not path:
-            raise ValueError(f"--source {entry!r}: expected TASK=PATH with TASK in {', '.join(SOURCES)}")
-        sources[task] = {"source": path}
-    return sources
-
-
 def world_size() -> int:
     """The number of processes, from WORLD_SIZE (accelerate launch and torchrun set it): the batch arithmetic comes
     before SFTConfig exists, and an accelerate state built earlier would be reset by SFTConfig (on CPU, wrongly)."""
@@ -256,6 +158,7 @@ def load_model(path: str):
     """The previous stage's folder: model (fp32 weights; bf16 comes from autocast) and its nanochat tokenizer."""
     if not Path(path).is_dir():
         raise ValueError(f"--model {path}: not a folder (expected the final/ folder of pretraining or mid-training)")
+    check_model_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     get_special_token_ids(tokenizer)  # raises if this is not a nanochat tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
@@ -266,33 +169,6 @@ def load_model(path: str):
 def head(rows, stop: int | None):
     """The first `stop` rows (None: all)."""
     return rows if stop is None else rows.select(range(min(stop, len(rows))))
-
-
-def extra_parts(args, identity_copies: int, spelling_sizes: tuple[int, int]) -> list[tuple[str, int, object]]:
-    """(name, size, load) of the user's files, identity conversations and the spelling tasks, as the flags ask, for
-    `load_parts`. Files are read (and checked strictly) now: their length sets their share of the mixture."""
-    if args.identity_name is not None and (args.identity_file or not args.identity):
-        raise ValueError(
-            "--identity-name names the generated identity conversations: it needs --identity and no --identity-file"
-        )
-    parts = []
-    for path in args.data or []:
-        rows = tasks.jsonl_conversations(path)
-        parts.append((path, len(rows), functools.partial(head, rows)))
-    if args.identity_file:
-        rows = tasks.identity(path=args.identity_file)
-        parts += [("identity", len(rows), functools.partial(head, rows))] * identity_copies
-    elif args.identity:
-        name = "nanochat" if args.identity_name is None else args.identity_name
-        # nanochat's file holds ~1,000 conversations
-        parts += [("identity", 1000, lambda stop: tasks.identity(name, size=stop or 1000))] * identity_copies
-    if args.spelling:
-        simple, bee = spelling_sizes
-        parts += [
-            ("SimpleSpelling", simple, lambda stop: tasks.simple_spelling(stop or simple)),
-            ("SpellingBee", bee, lambda stop: tasks.spelling_bee(stop or bee)),
-        ]
-    return parts
 
 
 def load_parts(parts: list[tuple[str, int, object]], max_rows: int | None) -> list[tuple[str, object]]:
@@ -308,77 +184,6 @@ def load_parts(parts: list[tuple[str, int, object]], max_rows: int | None) -> li
         raise ValueError(f"--max-rows {max_rows}: must be at least 1")
     total = sum(size for _, size, _ in parts)
     return [(name, load(min(size, math.ceil(max_rows * size / total)))) for name, size, load in parts]
-
-
-def optimizer_options(args, lr_scale: float) -> tuple[dict, dict]:
-    """(SFTTrainer kwargs, SFTConfig kwargs) for the chosen optimizer."""
-    optimizer = args.optimizer or ("adamw" if args.lora else "muon")
-    if args.lora and optimizer == "muon":
-        raise ValueError("--lora trains adapters with AdamW; Muon would orthogonalise each low-rank factor on its own")
-    muon_rates = {
-        k: getattr(args, k) for k in ("matrix_lr", "embedding_lr", "unembedding_lr") if getattr(args, k) is not None
-    }
-    if optimizer == "muon" and args.lr is not None:
-        raise ValueError(
-            "--lr is the --optimizer adamw rate; Muon takes --matrix-lr, --embedding-lr and --unembedding-lr"
-        )
-    if optimizer == "adamw" and muon_rates:
-        flags = ", ".join("--" + k.replace("_", "-") for k in muon_rates)
-        raise ValueError(
-            f"{flags}: Muon rates, unused by AdamW ({'--lora' if args.lora else '--optimizer adamw'}); "
-            "set its one rate with --lr"
-        )
-    if not args.lora and (args.lora_rank is not None or args.lora_alpha is not None):
-        raise ValueError("--lora-rank and --lora-alpha shape LoRA adapters: they need --lora")
-    trainer_kwargs = {}
-    if args.lora:
-        rank = 16 if args.lora_rank is None else args.lora_rank
-        alpha = 32 if args.lora_alpha is None else args.lora_alpha
-        trainer_kwargs["peft_config"] = LoraConfig(
-            r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
-        )
-    if optimizer == "muon":
-        # rates not given keep build_optimizer's defaults, nanochat's
-        trainer_kwargs["optimizer_cls_and_kwargs"] = (MuonAdamWFactory, dict(**muon_rates, lr_scale=lr_scale))
-        return trainer_kwargs, {}
-    # LoRA adapters start at zero and are small: they take ~10x the full fine-tuning rate (PEFT's usual advice)
-    lr = args.lr if args.lr is not None else args.adamw_lr * (10 if args.lora else 1)
-    # nanochat's AdamW settings (betas 0.8/0.95, eps 1e-10, no decay) at one rate for every trainable weight
-    return trainer_kwargs, dict(learning_rate=lr, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-10, weight_decay=0.0)
-
-
-def run_options(args, out: Path) -> dict:
-    """SFTConfig fields both stages set the same way."""
-    return dict(
-        output_dir=str(out / "checkpoints"),
-        num_train_epochs=1,  # nanochat: one pass over the mixture
-        max_length=args.max_seq_len,
-        max_grad_norm=0.0,  # nanochat clips only in pretraining
-        gradient_checkpointing=args.gradient_checkpointing,  # TRL turns it on by default; nanochat never recomputes
-        bf16=torch.cuda.is_available(),  # autocast over fp32 weights, as pretraining
-        logging_steps=1,
-        logging_nan_inf_filter=False,  # a NaN must show (and stop the run), not be replaced by the running mean
-        save_strategy="steps" if args.save_every > 0 else "no",
-        save_steps=max(args.save_every, 1),
-        save_total_limit=args.keep_checkpoints,
-        report_to=args.report_to,
-        seed=args.seed,
-        dataset_num_proc=args.num_proc,
-        ddp_find_unused_parameters=False,  # every parameter gets a gradient; searching for unused ones costs time
-    )
-
-
-def resume_checkpoint(args, out: Path) -> str | bool | None:
-    """`trainer.train(resume_from_checkpoint=...)`: True finds the newest checkpoint-N under OUT/checkpoints."""
-    if args.resume is None:
-        return None
-    if args.resume == "latest":
-        if not list((out / "checkpoints").glob("checkpoint-*")):
-            raise ValueError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        return True
-    if not (Path(args.resume) / "trainer_state.json").is_file():
-        raise ValueError(f"--resume {args.resume}: not a checkpoint folder (no trainer_state.json)")
-    return args.resume
 
 
 def train_and_save(trainer: SFTTrainer, metrics: "MetricsCallback", resume, out: Path) -> None:
