@@ -6,6 +6,7 @@ with nothing outside the sandbox touched).
 
 import json
 import os
+import platform
 import random
 import re
 import shutil
@@ -441,6 +442,12 @@ def test_the_level_is_bwrap_and_the_identity_is_unprivileged():
     assert result.success and uid == euid != "0" and gid != "0"
     assert result.stdout.split()[-1] in ("1", "2")  # the code's own PID namespace
     assert execute("print(1)").sandbox_level == "bwrap"  # "auto" picks it
+    status = contained("import _io\nprint(_io.FileIO('/proc/self/status').read().decode())").stdout
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["CapEff"] == fields["CapPrm"] == fields["CapBnd"] == "0000000000000000"
+    assert fields["NoNewPrivs"] == "1"
+    if platform.machine() == "x86_64":
+        assert fields["Seccomp"] == "2"  # a filter is loaded
 
 
 @needs_bwrap
