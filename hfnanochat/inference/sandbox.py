@@ -54,8 +54,7 @@ execute(code, timeout, memory_mb, *, sandbox="auto") -> ExecutionResult
   anywhere therefore all give a failure. The error is one short line: "ZeroDivisionError: division
   by zero", "Timeout after 5.0s", "Killed by signal SIGSEGV", "Exit code N", "Exited before the end
   of the code (exit code 0)", "Forged verdict" (other bytes on the verdict pipe). MemoryError
-  (subclasses included, e.g. numpy's _ArrayMemoryError)
-  sets memory_exceeded.
+  (subclasses included, e.g. numpy's _ArrayMemoryError) sets memory_exceeded.
 
 What this is not. The nonce lives in the child's interpreter before it is written, so code that
 reads the bootstrap's frame or the process's memory can forge a pass for itself: the verdict is
