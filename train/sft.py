@@ -88,6 +88,11 @@ from hfnanochat.training.sft import (
     world_size,
 )
 
+RECOMPUTE_FIELD = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 # What differs between the two mixtures: data, batch shape, rates and schedule. Explicit flags win.
 MIXTURES = {
     "mid": dict(
@@ -376,8 +381,10 @@ def run_options(args, out: Path) -> dict:
         num_train_epochs=1,  # nanochat: one pass over the mixture
         max_length=args.max_seq_len,
         max_grad_norm=0.0,  # nanochat clips only in pretraining
-        gradient_checkpointing=args.gradient_checkpointing,  # TRL turns it on by default; nanochat never recomputes
+        # TRL turns recomputation on by default; nanochat never recomputes (transformers renamed the field in 5.x)
+        **{RECOMPUTE_FIELD: args.gradient_checkpointing},
         bf16=torch.cuda.is_available(),  # autocast over fp32 weights, as pretraining
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (else a warning per run)
         logging_steps=1,
         logging_nan_inf_filter=False,  # a NaN must show (and stop the run), not be replaced by the running mean
         save_strategy="steps" if args.save_every > 0 else "no",
