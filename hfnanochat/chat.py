@@ -22,6 +22,7 @@ Notable:
 """
 
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -261,6 +262,9 @@ def main(argv=None) -> int:
         dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
         model_name = model_folder("--model", args.model)
         tokenizer_name = model_folder("--tokenizer", args.tokenizer) if args.tokenizer else model_name
+        if Path(tokenizer_name).is_dir() and not (Path(tokenizer_name) / "tokenizer.json").is_file():
+            flag = "--tokenizer" if args.tokenizer else "--model"
+            raise FileNotFoundError(f"{flag} {tokenizer_name}: no tokenizer.json there (pass --tokenizer FOLDER)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
         except (OSError, ValueError) as e:

@@ -112,6 +112,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         # under torchrun / accelerate every rank fails the same way: one message is enough
         if os.environ.get("RANK", "0") == "0":
             message = str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.strerror}: {e.filename}"
+            message = "; ".join(line.strip() for line in message.splitlines() if line.strip())  # one line
             print(f"error: {message}", file=sys.stderr)
         return 2
 
