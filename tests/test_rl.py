@@ -162,7 +162,7 @@ def test_rows_without_an_answer_are_skipped_and_counted(env, caplog):
 
 
 def test_tool_errors_loops_and_floods_are_contained(env):
-    tok, call, answer = env["tok"], env["call"], env["answer"]
+    tok, call = env["tok"], env["call"]
     sp = get_special_token_ids(tok)
     model = HFNanoChatForCausalLM.from_pretrained(env["model"]).eval()
     prompt = [sp["bos"], sp["user_start"], *tok.encode("hi", add_special_tokens=False), sp["user_end"], call[0]]
@@ -178,7 +178,7 @@ def test_tool_errors_loops_and_floods_are_contained(env):
     def boom(expr):
         raise RuntimeError("tool crashed")
 
-    assert forced_text(boom) == f"error: RuntimeError: tool crashed"
+    assert forced_text(boom) == "error: RuntimeError: tool crashed"
     assert forced_text(lambda expr: "9" * 5000).startswith("error: output of")  # a flood becomes one short line
     assert len(tok.encode("9" * 5000)) > MAX_TOOL_OUTPUT_TOKENS
     # the calculator itself: refusals explain themselves, nothing it accepts can loop or blow up
@@ -192,7 +192,7 @@ def test_tool_errors_loops_and_floods_are_contained(env):
 
 def test_rollout_func_contract_and_masks(env):
     """What TRL's `_generate` receives: one completion per prompt entry, the forced tokens and the stop token at 0."""
-    tok, call, answer = env["tok"], env["call"], env["answer"]
+    tok = env["tok"]
     model = HFNanoChatForCausalLM.from_pretrained(env["model"]).train()
     rollout = EngineRollout(tok, max_new_tokens=16, prompts_per_call=2)
     a, b = [{"role": "user", "content": "ka lo?"}], [{"role": "user", "content": "mi ne ru?"}]
