@@ -103,6 +103,16 @@ def env(tmp_path_factory):
     return dict(root=root, model=str(root / "sft"), tok=tok, data=data, call=call, answer=answer)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Rollouts of a 64-wide model are hundreds of tiny ops: on a loaded 2-core machine two OpenMP threads spin
+    against each other (the multi-process test runs its processes with OMP_NUM_THREADS=1 too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def flags(env, out, *extra):
     return [
         "--model",
@@ -394,14 +404,23 @@ def test_two_processes_make_the_update_of_one(env, tmp_path):
     one[one.index("--out") + 1] = str(tmp_path / "one")
     rl.main(one)
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [r["reward"] for r in m1] == [r["reward"] for r in m2]  # the same rollouts
+    # the same rollouts (seeded per step and prompt) and the same loss: each process's micro-batch is one prompt's
+    # samples, as the single process's two micro-batches are
+    assert [(r["step"], r["reward"], r["completion_length"]) for r in m1] == [
+        (r["step"], r["reward"], r["completion_length"]) for r in m2
+    ]
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-6 for a, b in zip(m1, m2, strict=True))
     base = load_file(Path(env["model"]) / "model.safetensors")
     w1 = load_file(tmp_path / "one" / "final" / "model.safetensors")
     w2 = load_file(tmp_path / "two" / "final" / "model.safetensors")
-    moved = max((w1[k] - base[k]).abs().max().item() for k in base)
-    assert moved > 1e-4
-    for k in base:  # float rounding apart (gradient sums in another order), the same update
-        assert (w1[k] - w2[k]).abs().max().item() <= 1e-4 * moved, k
+    for k in base:
+        moved = (w1[k] - base[k]).abs().max().item()
+        assert moved > 0, k
+        # float rounding apart (prompts padded to another width, gradients summed in another order): the same
+        # update. AdamW turns last-bit differences of a near-zero gradient into ~1e-3 of a step at the second step
+        # (measured: embeddings 5e-5 of 0.05; every Muon matrix < 1e-7 of 1e-4). A micro-batch mixing prompts, or
+        # gradients averaged twice, would differ by tens of percent.
+        assert (w1[k] - w2[k]).abs().max().item() <= 1e-2 * moved, k
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------------
