@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -447,3 +448,24 @@ def test_bad_input_is_refused_with_a_clear_error(env, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         rl.main(flags(env, tmp_path / "o", "--data", str(tmp_path / "missing.jsonl")))
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        rl.main(flags(env, tmp_path / "o", "--lr", "1e-5"))
+    assert e.value.code == 2 and "--lr is the --optimizer adamw rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer", [[], ["--optimizer", "adamw", "--lr", "1e-3"]], ids=["muon", "adamw"])
+def test_resume_continues_the_run_exactly(env, tmp_path, optimizer):
+    """Stop after step 1 (its checkpoint), resume: the final weights equal an uninterrupted run's. Rollouts are seeded
+    by step and prompt, and the checkpoint holds the optimizer's moments and the schedule."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    rl.main(flags(env, full, "--steps", "2", *optimizer))
+    args = flags(env, cut, "--steps", "2", "--save-every", "1", *optimizer)
+    rl.main(args)
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-2")
+    shutil.rmtree(cut / "final")
+    rl.main([*args, "--resume"])
+    a = load_file(full / "final" / "model.safetensors")
+    b = load_file(cut / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], base) for k, base in load_file(Path(env["model"]) / "model.safetensors").items())
+    assert [r["step"] for r in metrics(cut)] == [1, 2]

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig
 
 from hfnanochat import tasks
@@ -68,8 +69,10 @@ def parse_args(argv=None):
     )
     # optimizer
     p.add_argument("--optimizer", choices=["muon", "adamw"], default="muon")
-    p.add_argument("--lr-scale", type=float, default=0.05, help="muon: every rate is this x nanochat's base rate")
-    p.add_argument("--lr", type=float, default=1e-6, help="adamw: its one rate (0.05 x SFT's 2e-5)")
+    p.add_argument(
+        "--lr-scale", type=float, default=None, help="muon: every rate is this x nanochat's base rate (default 0.05)"
+    )
+    p.add_argument("--lr", type=float, default=None, help="adamw: its one rate (default 1e-6 = 0.05 x SFT's 2e-5)")
     # evaluation, checkpoints, logs
     p.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps (0: never)")
     p.add_argument("--eval-questions", type=int, default=400, help="GSM8K test questions for pass@k")
@@ -105,6 +108,10 @@ def build(args):
             f"{args.prompts_per_step} prompts x {args.num_samples} samples = {completions} completions per step are "
             f"not divisible by --device-batch-size {args.device_batch_size} x {world} processes"
         )
+    if args.optimizer == "muon" and args.lr is not None:
+        raise ValueError("--lr is the --optimizer adamw rate; Muon + AdamW takes --lr-scale")
+    if args.optimizer == "adamw" and args.lr_scale is not None:
+        raise ValueError("--lr-scale scales the Muon + AdamW rates; --optimizer adamw takes --lr")
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} is not divisible by {world} processes")
 
@@ -129,9 +136,10 @@ def build(args):
 
     if args.optimizer == "muon":
         # nanochat: setup_optimizers(unembedding 0.004, embedding 0.2, matrix 0.02) x init_lr_frac 0.05
-        optimizer = build_optimizer(model, lr_scale=args.lr_scale)
+        optimizer = build_optimizer(model, lr_scale=0.05 if args.lr_scale is None else args.lr_scale)
     else:  # nanochat's AdamW settings at one rate
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+        lr = 1e-6 if args.lr is None else args.lr
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
     # nanochat's lrm = 1 - step / num_steps (warm-down over all steps); Muon momentum fixed at 0.95
     schedule = NanochatSchedule(optimizer, num_steps, warmdown_ratio=1.0, momentum_warmup_steps=0)
 
@@ -269,8 +277,6 @@ def main(argv=None):
 
 def trainer_state_step(resume, out: Path) -> int:
     """The step of the checkpoint `--resume` continues from (metrics after it are rewritten)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     folder = get_last_checkpoint(str(out / "checkpoints")) if resume is True else resume
     return int(Path(folder).name.split("-")[-1])
 
