@@ -30,6 +30,7 @@ from hfnanochat.inference.sandbox import calculator, calculator_with_errors
 from hfnanochat.tasks.gsm8k import extract_answer, gsm8k_prompts, gsm8k_reward
 from hfnanochat.tokenizer import get_special_token_ids, save_tokenizer, train_tokenizer
 from hfnanochat.training.rl import EngineRollout, call_seed, loss_mask, pass_at_k, runs
+from hfnanochat.training.rl import prompt_ids as chat_prompt_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"  # ../shared beside the checkout
@@ -287,7 +288,7 @@ def test_trl_advantage_and_loss_equal_nanochats(env, tmp_path):
         engine_masks.append(m)
     stop = {sp["assistant_end"], sp["bos"]}
     env_masks = [loss_mask(c, m, stop) for c, m in zip(completions, engine_masks, strict=True)]
-    prompt_ids = [rl_prompt(tok, p) for p in prompts]
+    prompt_ids = [chat_prompt_ids(tok, p) for p in prompts]
 
     def scripted(prompt_batch, trainer):
         assert prompt_batch == [prompts[0]] * 4 + [prompts[1]] * 4
@@ -326,12 +327,6 @@ def test_trl_advantage_and_loss_equal_nanochats(env, tmp_path):
     for name, p in model.named_parameters():
         assert torch.allclose(trl_grads[name], p.grad, rtol=1e-4, atol=1e-7), name
     assert any(g.abs().sum() > 0 for g in trl_grads.values())
-
-
-def rl_prompt(tok, messages):
-    from hfnanochat.training.rl import prompt_ids
-
-    return prompt_ids(tok, messages)
 
 
 def test_trl_log_probs_keep_the_softcap(env, tmp_path):
