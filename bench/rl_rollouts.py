@@ -2,7 +2,10 @@
 
     python bench/rl_rollouts.py --model out/sft/final --data ../data/gsm8k/train.jsonl     # a real SFT model
     python bench/rl_rollouts.py --depth 12 --tokenizer out/tokenizer                         # random weights
-    python bench/rl_rollouts.py --depth 2 --tokenizer TOK --prompts 2 --samples 2 --new-tokens 8 --device cpu  # smoke
+    python bench/rl_rollouts.py --depth 2 --vocab-size 512 --tokenizer TOK --prompts 2 --samples 2 --new-tokens 8 \
+        --device cpu                                                                           # CPU smoke run
+
+Random weights rarely stop, so their rows run to --new-tokens: the figure is then decode speed at RL's batch shape.
 
 One RL step's rollouts: --prompts GSM8K questions x --samples completions, temperature 1, top-k 50, up to
 --new-tokens tokens, as `GRPOTrainer` asks for them on one process:
@@ -32,6 +35,7 @@ def main():
     p.add_argument("--model", default=None, help="HF model folder with its tokenizer (default: random weights)")
     p.add_argument("--depth", type=int, default=12, help="random weights: nanochat depth")
     p.add_argument("--tokenizer", default=None, help="random weights: chat tokenizer folder")
+    p.add_argument("--vocab-size", type=int, default=65536, help="random weights: the head's rows (>= the tokenizer's)")
     p.add_argument("--data", default=None, help="GSM8K train.jsonl for the questions (default: generated questions)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--samples", type=int, default=16)
@@ -67,7 +71,9 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        config = config_for_depth(args.depth, vocab_size=len(tokenizer), max_seq_len=1024)
+        if len(tokenizer) > args.vocab_size:
+            p.error(f"--tokenizer has {len(tokenizer)} tokens, more than --vocab-size {args.vocab_size}")
+        config = config_for_depth(args.depth, vocab_size=args.vocab_size, max_seq_len=1024)
         model = HFNanoChatForCausalLM.from_config_on_device(config, "cpu")
         set_generation_defaults(model, tokenizer)
     model = model.to(device, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32).eval()
