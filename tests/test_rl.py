@@ -29,7 +29,7 @@ from hfnanochat.inference.engine import MAX_TOOL_OUTPUT_TOKENS, Engine
 from hfnanochat.inference.sandbox import calculator, calculator_with_errors
 from hfnanochat.tasks.gsm8k import extract_answer, gsm8k_prompts, gsm8k_reward
 from hfnanochat.tokenizer import get_special_token_ids, save_tokenizer, train_tokenizer
-from hfnanochat.training.rl import EngineRollout, call_seed, loss_mask, pass_at_k, runs
+from hfnanochat.training.rl import EngineRollout, call_seed, loss_mask, runs
 from hfnanochat.training.rl import prompt_ids as chat_prompt_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,7 +235,6 @@ def test_rollout_func_contract_and_masks(env):
     assert runs([1, 1, 2, 2, 2, 1]) == [(1, 2), (2, 3), (1, 1)]
     assert call_seed(3, [[1, 2]]) == call_seed(3, [[1, 2]]) != call_seed(4, [[1, 2]])
     assert loss_mask([5, 9], [1, 1], {9}) == [1, 0] and loss_mask([5, 9], [1, 1], {7}) == [1, 1]
-    assert pass_at_k([[False, True], [False, False]], 2) == {"pass@1": 0.0, "pass@2": 0.5}
 
 
 # -- TRL computes nanochat's advantage and loss --------------------------------------------------------------------

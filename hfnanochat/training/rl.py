@@ -192,12 +192,6 @@ class NanochatGRPOTrainer(GRPOTrainer):
             return super()._prepare_inputs(generation_batch)
 
 
-def pass_at_k(correct: list[list[bool]], k: int) -> dict[str, float]:
-    """{"pass@1": ..., "pass@k": ...}: the share of questions with a correct answer among their first j samples."""
-    n = max(len(correct), 1)
-    return {f"pass@{j}": sum(any(c[:j]) for c in correct) / n for j in range(1, k + 1)}
-
-
 class PassAtK(TrainerCallback):
     """Every `every` steps (and at step 0 and the last step): pass@1..k on `questions` (a GSM8K prompts Dataset,
     sharded across processes), printed and appended to `metrics_path` as {"step", "pass@1", ...}."""
