@@ -15,8 +15,10 @@ Notable:
   choice too.
 - The tool, per row: tokens between `<|python_start|>` and `<|python_end|>` are decoded and given to the calculator
   (`sandbox.calculator`). A result is forced into the row as `<|output_start|>` result `<|output_end|>`; nothing is
-  forced when the calculator refuses (nanochat's rule). Forced tokens take a row's next steps in place of samples and
-  go through the model like sampled ones, so they sit in the KV cache and the model reads the result.
+  forced when the calculator refuses (nanochat's rule). A tool that raises, or returns more than
+  MAX_TOOL_OUTPUT_TOKENS tokens, gets an `error: ...` line forced instead, so no tool can end a batch or fill a row.
+  Forced tokens take a row's next steps in place of samples and go through the model like sampled ones, so they sit
+  in the KV cache and the model reads the result.
 - Every completion comes with a mask: 1 = sampled by the model, 0 = forced by the tool. RL's loss must skip the 0s.
 - Two decode paths over the same loop: `DynamicCache` (CPU, any device) and, by default on CUDA, `StaticCache` with
   the model's `torch.compile`d forward (`get_compiled_call`, as `generate(cache_implementation="static")` uses):
@@ -54,6 +56,10 @@ from .sandbox import calculator
 # Static caches are sized in multiples of this many slots, so a chat whose prompt grows turn by turn reuses a few
 # compiled graphs instead of compiling one per length (dynamo gives up after 8 recompiles and runs eager).
 STATIC_CACHE_BUCKET = 256
+
+# A tool output longer than this is replaced by an error line. The calculator's longest is ~30 characters (numbers are
+# capped at 1e15); another tool could return a flood that would fill every remaining step of its row.
+MAX_TOOL_OUTPUT_TOKENS = 64
 
 # Our model's 2026 "smear" option keeps the previous token's embedding as an attribute of the cache object, outside
 # the cache's layers, so the cache's own batch methods don't see it: fan-out and the static copy carry it by hand.
@@ -225,10 +231,15 @@ class Engine:
             row.in_python, row.code = True, []
         elif token == special["python_end"] and row.in_python:
             row.in_python = False
-            result = self.tool(self.tokenizer.decode(row.code))
+            try:
+                result = self.tool(self.tokenizer.decode(row.code))
+            except Exception as e:  # a user's tool failing must not end every row of the batch
+                result = f"error: {type(e).__name__}: {e}"
             if result is not None:
                 # plain text, like a rendered tool output: a special-token string in a result stays text
-                ids = self.tokenizer.encode(result, add_special_tokens=False, split_special_tokens=True)
+                ids = self.tokenizer.encode(str(result), add_special_tokens=False, split_special_tokens=True)
+                if len(ids) > MAX_TOOL_OUTPUT_TOKENS:  # a flood would take the row's remaining steps
+                    ids = self.tokenizer.encode(f"error: output of {len(ids)} tokens", add_special_tokens=False)
                 row.forced.extend([special["output_start"], *ids, special["output_end"]])
         elif row.in_python:
             row.code.append(token)
@@ -418,4 +429,4 @@ class Engine:
         return grouped[0] if single else grouped
 
 
-__all__ = ["Completion", "Engine", "sample_next_token", "STATIC_CACHE_BUCKET"]
+__all__ = ["Completion", "Engine", "sample_next_token", "MAX_TOOL_OUTPUT_TOKENS", "STATIC_CACHE_BUCKET"]

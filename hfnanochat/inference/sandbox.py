@@ -3,8 +3,9 @@ The two tools a nanochat model may call: a calculator for the python parts of it
 Python execution for HumanEval-style checks.
 
 calculator(expr) -> str | None
-- What the engine calls between <|python_start|> and <|python_end|>, in SFT data, RL rollouts, GSM8K
-  eval and chat. None means "force nothing", exactly as in nanochat.
+- What the engine calls between <|python_start|> and <|python_end|>, in SFT data, GSM8K eval and
+  chat. None means "force nothing", exactly as in nanochat. `calculator_with_errors` is the same
+  calculator answering "error: <why>" instead of None (RL rollouts: the failure is visible).
 - Accepts what nanochat's use_calculator accepts: commas removed; arithmetic over the characters
   `0123456789*+-/%.() ` with `**` refused; or a single `'literal'.count('literal')` (spelling tasks).
   Our additions: `%`, and any characters inside the two string literals (nanochat allows letters,
@@ -119,7 +120,7 @@ class _Refused(Exception):
 
 def _checked(value):
     if abs(value) > _MAX_ABS:
-        raise _Refused
+        raise _Refused("a number beyond 1e15")
     return value
 
 
@@ -130,7 +131,7 @@ def _arithmetic(node):
         return _checked(_BINARY_OPS[type(node.op)](_arithmetic(node.left), _arithmetic(node.right)))
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
         return _UNARY_OPS[type(node.op)](_arithmetic(node.operand))
-    raise _Refused
+    raise _Refused("not arithmetic")
 
 
 def _is_str(node):
@@ -147,8 +148,8 @@ def _format(value):
     return str(value)
 
 
-def calculator(expr: str) -> str | None:
-    """Evaluate a tool call's expression; return the text to force into the stream, or None."""
+def _calculate(expr: str) -> tuple[str | None, str | None]:
+    """(result, None), or (None, why the expression was refused)."""
     if not isinstance(expr, str):
         raise ValueError(f"calculator expects a str expression, got {type(expr).__name__}")
     if len(expr) > _MAX_EXPR_CHARS:
@@ -161,8 +162,8 @@ def calculator(expr: str) -> str | None:
     try:
         if set(expr) <= _ARITHMETIC_CHARS:
             if "**" in expr:  # exponentiation is the one operator that makes numbers explode
-                return None
-            return _format(_arithmetic(ast.parse(expr, mode="eval").body))
+                return None, "** is not allowed"
+            return _format(_arithmetic(ast.parse(expr, mode="eval").body)), None
         call = ast.parse(expr, mode="eval").body
         if (
             isinstance(call, ast.Call)
@@ -173,11 +174,29 @@ def calculator(expr: str) -> str | None:
             and _is_str(call.args[0])
             and not call.keywords
         ):
-            return str(call.func.value.value.count(call.args[0].value))
-        return None
-    except (_Refused, SyntaxError, ArithmeticError, ValueError, RecursionError, MemoryError):
-        # ArithmeticError: division by zero; ValueError: null bytes; Recursion/MemoryError: absurd nesting
-        return None
+            return str(call.func.value.value.count(call.args[0].value)), None
+        return None, "only arithmetic or 'text'.count('x')"
+    except _Refused as e:
+        return None, str(e)
+    except SyntaxError:
+        return None, "invalid syntax"
+    except ZeroDivisionError:
+        return None, "division by zero"
+    except (ArithmeticError, ValueError, RecursionError, MemoryError) as e:
+        # ValueError: null bytes; Recursion/MemoryError: absurd nesting
+        return None, type(e).__name__
+
+
+def calculator(expr: str) -> str | None:
+    """Evaluate a tool call's expression; return the text to force into the stream, or None (refused)."""
+    return _calculate(expr)[0]
+
+
+def calculator_with_errors(expr: str) -> str:
+    """`calculator`, but a refused expression gives `error: <why>` ("error: division by zero") instead of None, so
+    the model reads why its call failed (RL rollouts use it; nanochat forces nothing)."""
+    result, error = _calculate(expr)
+    return f"error: {error}" if result is None else result
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ Every Hub task also takes `source=` (a local file or folder) and `stop=` (first 
 from .arc import arc, arc_conversation
 from .common import FEATURES, conversations, drop_long, load_split, mixture, render_mc, to_messages
 from .custom import jsonl_conversations
-from .gsm8k import extract_answer, gsm8k, gsm8k_conversation, gsm8k_reward
+from .gsm8k import extract_answer, gsm8k, gsm8k_conversation, gsm8k_prompts, gsm8k_reward
 from .identity import identity
 from .mmlu import mmlu, mmlu_conversation
 from .smoltalk import smoltalk
@@ -31,6 +31,7 @@ __all__ = [
     "extract_answer",
     "gsm8k",
     "gsm8k_conversation",
+    "gsm8k_prompts",
     "gsm8k_reward",
     "identity",
     "jsonl_conversations",

@@ -2,9 +2,14 @@
 `<<48/2=24>>`. Each mark becomes a python tool call (`48/2`) and its output (`24`), so the model learns to call the
 calculator mid-answer; the final `#### 72` line stays text (the reward and the evaluation read it)."""
 
+import logging
 import re
 
+import datasets
+
 from .common import conversations, first, load_split, require_columns
+
+logger = logging.getLogger(__name__)
 
 SOURCE = "openai/gsm8k"
 
@@ -57,3 +62,36 @@ def gsm8k_reward(completion: str, reference: str) -> float:
     evaluation's correctness alike. A completion without an answer scores 0."""
     predicted, expected = extract_answer(completion), extract_answer(reference)
     return float(predicted is not None and predicted == expected)
+
+
+def gsm8k_prompts(
+    subset: str = "main",
+    split: str = "train",
+    *,
+    source: str = SOURCE,
+    stop: int | None = None,
+) -> tuple[datasets.Dataset, int]:
+    """(prompts, skipped): GSM8K as RL / evaluation prompts, `prompt` (the question as a one-message chat) and
+    `answer` (the reference solution, whose `####` number the reward compares), in nanochat's order (seed-42
+    shuffle, then the first `stop`). A row without a question or without a `#### number` in its answer can score
+    nothing: it is skipped, and counted in the log and in `skipped`."""
+    rows = load_split(source, split, subset)
+    require_columns(rows, ["question", "answer"], f"GSM8K {subset}/{split} ({source})")
+    rows = first(rows, None)
+    total = len(rows)
+
+    def usable(question, answer):
+        return isinstance(question, str) and bool(question.strip()) and extract_answer(answer) is not None
+
+    rows = rows.filter(usable, input_columns=["question", "answer"], desc=f"GSM8K {subset}/{split}: checking answers")
+    skipped = total - len(rows)
+    if skipped:
+        logger.warning(f"GSM8K {subset}/{split}: skipped {skipped:,} of {total:,} rows with no question or no '#### '")
+    if stop is not None:
+        rows = rows.select(range(min(stop, len(rows))))
+    prompts = rows.map(
+        lambda q: {"prompt": [{"role": "user", "content": q}]},
+        input_columns="question",
+        remove_columns=[c for c in rows.column_names if c != "answer"],
+    )
+    return prompts, skipped
