@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM
+from hfnanochat.cli import run
 from hfnanochat.inference.engine import MAX_TOOL_OUTPUT_TOKENS, Engine
 from hfnanochat.inference.sandbox import calculator, calculator_with_errors
 from hfnanochat.tasks.gsm8k import extract_answer, gsm8k_prompts, gsm8k_reward
@@ -433,18 +434,15 @@ def test_bad_input_is_refused_with_a_clear_error(env, tmp_path, capsys):
     finally:
         tok.chat_template = template
     (bare / "chat_template.jinja").unlink(missing_ok=True)
-    with pytest.raises(SystemExit) as e:
-        rl.main(flags(env, tmp_path / "o", "--model", str(bare)))
-    assert e.value.code == 2 and "has no chat template" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        rl.main(flags(env, tmp_path / "o", "--num-samples", "3"))
-    assert e.value.code == 2 and "not divisible by --device-batch-size" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        rl.main(flags(env, tmp_path / "o", "--data", str(tmp_path / "missing.jsonl")))
-    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        rl.main(flags(env, tmp_path / "o", "--lr", "1e-5"))
-    assert e.value.code == 2 and "--lr is the --optimizer adamw rate" in capsys.readouterr().err
+    for extra, message in [
+        (["--model", str(bare)], "has no chat template"),
+        (["--num-samples", "3"], "not divisible by --device-batch-size"),
+        (["--data", str(tmp_path / "missing.jsonl")], "does not exist"),
+        (["--lr", "1e-5"], "--lr is the --optimizer adamw rate"),
+    ]:
+        assert run(rl.main, flags(env, tmp_path / "o", *extra)) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("optimizer", [[], ["--optimizer", "adamw", "--lr", "1e-3"]], ids=["muon", "adamw"])

@@ -524,7 +524,7 @@ def train_midtrain(argv, *callbacks):
     trainer, _, metrics_callback = midtrain.build(args)
     for callback in callbacks:
         trainer.add_callback(callback)
-    trainer.train(resume_from_checkpoint=sft.resume_checkpoint(args, Path(args.out)))
+    trainer.train(resume_from_checkpoint=sft.resume_checkpoint(args.resume, Path(args.out)))
     return metrics_callback
 
 

@@ -22,7 +22,6 @@ Notable:
   steps, `--resume`; final folder `OUT/final` (weights, tokenizer with the chat template).
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -34,6 +33,17 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig
 
 from hfnanochat import tasks
+from hfnanochat.cli import (
+    ArgumentParser,
+    check_output,
+    clear_output,
+    main_entry,
+    model_folder,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from hfnanochat.tasks.gsm8k import SOURCE as GSM8K_SOURCE
 from hfnanochat.training.export import save_final
 from hfnanochat.training.metrics import truncate_metrics
@@ -45,24 +55,24 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF folder of the SFT stage (its final/ folder)")
     p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, final/")
     p.add_argument("--data", default=GSM8K_SOURCE, help="GSM8K: a Hub id, or a local train.jsonl / folder")
     p.add_argument("--eval-data", default=None, help="GSM8K test split (default: the test split beside --data)")
-    p.add_argument("--max-prompts", type=int, default=None, help="train on the first N questions (quick runs)")
-    p.add_argument("--steps", type=int, default=None, help="stop after N steps (default: one epoch)")
-    p.add_argument("--prompts-per-step", type=int, default=16, help="questions per optimizer step, all processes")
-    p.add_argument("--num-samples", type=int, default=16, help="completions per question")
-    p.add_argument("--device-batch-size", type=int, default=8, help="sequences per forward/backward pass")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--max-prompts", type=positive_int, default=None, help="train on the first N questions (quick runs)")
+    p.add_argument("--steps", type=positive_int, default=None, help="stop after N steps (default: one epoch)")
+    p.add_argument(
+        "--prompts-per-step", type=positive_int, default=16, help="questions per optimizer step, all processes"
+    )
+    p.add_argument("--num-samples", type=positive_int, default=16, help="completions per question")
+    p.add_argument("--device-batch-size", type=positive_int, default=8, help="sequences per forward/backward pass")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--temperature", type=non_negative_float, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=50)
     p.add_argument(
         "--prompts-per-call",
-        type=int,
+        type=positive_int,
         default=16,
         help="questions per engine call (one prefill, fan-out, one decode loop); rollouts equal across process "
         "counts when it divides every process's share",
@@ -70,16 +80,22 @@ def parse_args(argv=None):
     # optimizer
     p.add_argument("--optimizer", choices=["muon", "adamw"], default="muon")
     p.add_argument(
-        "--lr-scale", type=float, default=None, help="muon: every rate is this x nanochat's base rate (default 0.05)"
+        "--lr-scale",
+        type=positive_float,
+        default=None,
+        help="muon: every rate is this x nanochat's base rate (default 0.05)",
     )
-    p.add_argument("--lr", type=float, default=None, help="adamw: its one rate (default 1e-6 = 0.05 x SFT's 2e-5)")
+    p.add_argument(
+        "--lr", type=positive_float, default=None, help="adamw: its one rate (default 1e-6 = 0.05 x SFT's 2e-5)"
+    )
     # evaluation, checkpoints, logs
-    p.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps (0: never)")
-    p.add_argument("--eval-questions", type=int, default=400, help="GSM8K test questions for pass@k")
-    p.add_argument("--eval-samples", type=int, default=8, help="k of pass@k: samples per test question")
-    p.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (0: none)")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--eval-every", type=non_negative_int, default=60, help="pass@k every N steps (0: never)")
+    p.add_argument("--eval-questions", type=positive_int, default=400, help="GSM8K test questions for pass@k")
+    p.add_argument("--eval-samples", type=positive_int, default=8, help="k of pass@k: samples per test question")
+    p.add_argument("--save-every", type=non_negative_int, default=60, help="checkpoint every N steps (0: none)")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=2)
     p.add_argument("--resume", nargs="?", const="latest", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (default: refuse to)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none")
     p.add_argument("--seed", type=int, default=42)
@@ -247,22 +263,20 @@ class Progress(TrainerCallback):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    try:
-        resume = resume_checkpoint(args, out)
-        trainer, data, skipped, log, _ = build(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    args.model = model_folder("--model", args.model)
+    replace = check_output(out, resume=args.resume is not None, overwrite=args.overwrite, what="RL run")
+    resume = resume_checkpoint(args.resume, out)
+    trainer, data, skipped, log, _ = build(args)
     accelerator = trainer.accelerator
     accelerator.print(
         f"RL on {len(data):,} GSM8K questions ({skipped:,} rows without an answer skipped), "
         f"{trainer.args.max_steps} steps of {args.prompts_per_step} x {args.num_samples} | "
         f"{accelerator.num_processes} process(es), gradient accumulation {trainer.args.gradient_accumulation_steps}"
     )
-    if accelerator.is_main_process and (out / "metrics.jsonl").exists():
-        if resume is None:  # a new run into an old folder
-            (out / "metrics.jsonl").unlink()
-        else:  # the steps after the checkpoint are about to be redone
+    if accelerator.is_main_process:
+        if replace:  # --overwrite: checked up front, done once the run is built
+            clear_output(out)
+        elif resume is not None and (out / "metrics.jsonl").exists():  # the steps after the checkpoint are redone
             truncate_metrics(out / "metrics.jsonl", trainer_state_step(resume, out))
     accelerator.wait_for_everyone()
     trainer.train(resume_from_checkpoint=resume)
@@ -282,4 +296,4 @@ def trainer_state_step(resume, out: Path) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

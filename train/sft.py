@@ -84,6 +84,7 @@ from hfnanochat.training.sft import (
     head,
     load_model,
     load_parts,
+    resume_checkpoint,
     train_and_save,
     world_size,
 )
@@ -397,19 +398,6 @@ def run_options(args, out: Path) -> dict:
     )
 
 
-def resume_checkpoint(args, out: Path) -> str | bool | None:
-    """`trainer.train(resume_from_checkpoint=...)`: True finds the newest checkpoint-N under OUT/checkpoints."""
-    if args.resume is None:
-        return None
-    if args.resume == "latest":
-        if not list((out / "checkpoints").glob("checkpoint-*")):
-            raise ValueError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        return True
-    if not (Path(args.resume) / "trainer_state.json").is_file():
-        raise ValueError(f"--resume {args.resume}: not a checkpoint folder (no trainer_state.json)")
-    return args.resume
-
-
 def build(args):
     """Model, data and trainer, ready to `train()` (tests take batches from it)."""
     out = Path(args.out)
@@ -471,7 +459,7 @@ def main(argv=None):
     out = Path(args.out)
     args.model = model_folder("--model", args.model)
     replace = check_output(out, resume=args.resume is not None, overwrite=args.overwrite, what=f"{args.mixture} run")
-    resume = resume_checkpoint(args, out)
+    resume = resume_checkpoint(args.resume, out)
     trainer, data, metrics = build(args)
     if replace and trainer.accelerator.is_main_process:  # --overwrite, checked up front, done once the run is built
         clear_output(out)

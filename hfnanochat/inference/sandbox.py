@@ -154,10 +154,9 @@ def _calculate(expr: str) -> tuple[str | None, str | None]:
         raise ValueError(f"calculator expects a str expression, got {type(expr).__name__}")
     if len(expr) > _MAX_EXPR_CHARS:
         # None keeps the engine's contract (a refusal forces nothing); the warning says why
-        warnings.warn(
-            f"calculator: expression of {len(expr)} characters refused (the cap is {_MAX_EXPR_CHARS})", stacklevel=2
-        )
-        return None
+        why = f"expression of {len(expr)} characters refused (the cap is {_MAX_EXPR_CHARS})"
+        warnings.warn(f"calculator: {why}", stacklevel=3)
+        return None, why
     expr = expr.replace(",", "").strip()  # "1,000" is how GSM8K writes numbers
     try:
         if set(expr) <= _ARITHMETIC_CHARS:

@@ -186,6 +186,20 @@ def load_parts(parts: list[tuple[str, int, object]], max_rows: int | None) -> li
     return [(name, load(min(size, math.ceil(max_rows * size / total)))) for name, size, load in parts]
 
 
+def resume_checkpoint(resume: str | None, out: Path) -> str | bool | None:
+    """`trainer.train(resume_from_checkpoint=...)` for `--resume` (None, "latest" or a folder): True finds the newest
+    checkpoint-N under OUT/checkpoints."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        if not list((out / "checkpoints").glob("checkpoint-*")):
+            raise ValueError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        return True
+    if not (Path(resume) / "trainer_state.json").is_file():
+        raise ValueError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
+    return resume
+
+
 def train_and_save(trainer: SFTTrainer, metrics: "MetricsCallback", resume, out: Path) -> None:
     """Train (resuming if asked), stop with exit code 1 on a non-finite loss, else write `out/final`."""
     trainer.train(resume_from_checkpoint=resume)
