@@ -32,7 +32,9 @@ from hfnanochat.evaluation.chat import TASKS, chatcore, evaluate_problems, load_
 from hfnanochat.inference.engine import Engine
 from hfnanochat.tokenizer import get_special_token_ids
 
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+)
 p.add_argument("--model", required=True, help="final model folder (or Hub id), loaded with trust_remote_code=True")
 p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, among: " + ", ".join(TASKS))
 p.add_argument("--max-problems", type=int, default=None, help="first N problems of each task (nanochat's order)")

