@@ -69,6 +69,10 @@ names = [t for t in names if t in TASKS]
 if not names:
     fail(f"no known task in --tasks {args.tasks!r} (known: {', '.join(TASKS)})")
 
+if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().is_dir():
+    fail(f"model folder {args.model!r} does not exist")
+
+t0 = time.time()  # the report's wall time includes loading the model
 accelerator = Accelerator()
 main = accelerator.is_main_process
 rank, world = accelerator.process_index, accelerator.num_processes
@@ -105,7 +109,6 @@ def source(task: str) -> str | None:
     return str(path)
 
 
-t0 = time.time()
 results = {}
 for task in names:
     name = TASKS[task].name
