@@ -1,0 +1,1 @@
+"""Evaluation: nanochat's chat evals and ChatCORE (`chat.py`)."""
