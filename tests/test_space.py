@@ -215,3 +215,28 @@ def test_real_browser_sends_a_message_and_sees_the_streamed_reply(served, tmp_pa
         assert shot.stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_overlapping_generations_share_the_fast_decode_swap(model_dir):
+    """A Space's threads start and end generations in any order: the model's classes are swapped while any runs and
+    restored when the last one ends (each generation swapping on its own left the fast classes in place when the
+    first one to start was also the first to end)."""
+    from test_engine import chat_prompt
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfnanochat.inference.engine import Engine
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(model, tokenizer)
+    plain = {m: type(m) for m in model.modules()}
+    prompt = chat_prompt(tokenizer, "what is 12 times 7")
+    alone = [t[0] for t, _ in engine.generate(prompt, max_new_tokens=12, temperature=0.0)]
+    first, second = (engine.generate(prompt, max_new_tokens=12, temperature=0.0) for _ in range(2))
+    a, b = [next(first)[0][0]], [next(second)[0][0]]
+    assert any(type(m) is not cls for m, cls in plain.items())  # swapped while they run
+    a += [t[0] for t, _ in first]  # the first to start ends first
+    assert any(type(m) is not cls for m, cls in plain.items())  # the second still runs fast
+    b += [t[0] for t, _ in second]
+    assert a == b == alone
+    assert all(type(m) is cls for m, cls in plain.items())  # the last to end restored the model
