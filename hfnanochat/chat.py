@@ -296,5 +296,10 @@ def main(argv=None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `hfnanochat-chat` console script."""
     main_entry(main)
+
+
+if __name__ == "__main__":
+    cli()

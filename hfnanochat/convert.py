@@ -353,5 +353,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `hfnanochat-convert` console script."""
     main_entry(main)
+
+
+if __name__ == "__main__":
+    cli()

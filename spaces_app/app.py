@@ -1,0 +1,277 @@
+"""hfnanochat's Gradio Space: chat with a nanochat model, the calculator tool in the loop, replies streamed.
+
+    HFNANOCHAT_MODEL=me/hfnanochat-d20 python spaces_app/app.py        # a Hub id or a local folder
+
+Settings (environment variables; a public demo's limits):
+- HFNANOCHAT_MODEL: the model, a Hub id or a local path (default: the first of README.md's `models:`).
+- HFNANOCHAT_MAX_INPUT_TOKENS (1024): longest message accepted; a longer one is answered with a request to shorten it.
+- HFNANOCHAT_MAX_NEW_TOKENS (512): upper bound of the max-new-tokens slider.
+- HFNANOCHAT_CONCURRENCY (4): replies generated at once; the queue holds the others (HFNANOCHAT_QUEUE, 64, at most).
+- HFNANOCHAT_TIMEOUT (60): seconds a reply may take; it is cut there, with a note.
+- HFNANOCHAT_COMPILE (0): on a GPU, decode through torch.compile + CUDA graphs. Compilation is not thread-safe, so
+  with it on, replies are generated one at a time (fast per user, no overlap); off, they overlap, eager.
+- HOST / PORT (127.0.0.1 / 7860; on a Space, 0.0.0.0).
+
+Notable:
+- The conversation is sent by the browser each turn (Gradio's `ChatInterface` keeps no server state), so the
+  prompt is rebuilt from the displayed history: a calculator line shown as `[python] 12*7 -> 84` becomes the python
+  call and its output again, exactly the tokens the model wrote and read.
+- A conversation longer than the context minus the reply budget is cut from the left, <|bos|> kept first (as
+  `python -m hfnanochat.chat` does).
+- The only code that runs is nanochat's calculator (an arithmetic whitelist); nothing else the model writes runs.
+- Errors reach the user as one line in the chat, never a traceback.
+"""
+
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+HERE = Path(__file__).resolve().parent
+try:
+    import hfnanochat  # noqa: F401  (pip-installed, or shipped beside app.py on a Space)
+except ImportError:  # `python spaces_app/app.py` from a checkout
+    sys.path.insert(0, str(HERE.parent))
+
+from hfnanochat.chat import StreamPrinter  # noqa: E402
+from hfnanochat.inference.engine import Engine  # noqa: E402
+from hfnanochat.tokenizer import get_special_token_ids, render_for_completion  # noqa: E402
+
+
+def _env_int(name: str, default: int, low: int = 1) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        number = int(value)
+    except ValueError:
+        raise SystemExit(f"error: {name} must be an integer, got {value!r}") from None
+    if number < low:
+        raise SystemExit(f"error: {name} must be >= {low}, got {number}")
+    return number
+
+
+def default_model() -> str | None:
+    from huggingface_hub import SpaceCard
+
+    readme = HERE / "README.md"
+    models = SpaceCard.load(readme).data.models if readme.is_file() else None
+    return models[0] if models else None
+
+
+MAX_INPUT_TOKENS = _env_int("HFNANOCHAT_MAX_INPUT_TOKENS", 1024)
+MAX_NEW_TOKENS = _env_int("HFNANOCHAT_MAX_NEW_TOKENS", 512)
+CONCURRENCY = _env_int("HFNANOCHAT_CONCURRENCY", 4)
+QUEUE_SIZE = _env_int("HFNANOCHAT_QUEUE", 64)
+TIMEOUT_S = _env_int("HFNANOCHAT_TIMEOUT", 60)
+COMPILE = os.environ.get("HFNANOCHAT_COMPILE", "0") == "1"
+MAX_MESSAGE_CHARS = 16 * MAX_INPUT_TOKENS  # a bound before tokenizing: nobody's message is 16 characters a token
+CALL = re.compile(r"^`*\[python\] (?P<code>.*?)(?: -> (?P<result>.*?))?(?P<cut> \(unfinished\))?`*$")
+
+
+class Demo:
+    """The model, its engine and the reply function the chat calls."""
+
+    def __init__(self, model_id: str):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model_id = model_id
+        self.model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True, dtype=dtype)
+        self.model = self.model.to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        self.special = get_special_token_ids(self.tokenizer)
+        compile = COMPILE and self.device.type == "cuda"
+        self.engine = Engine(self.model, self.tokenizer, compile=compile)
+        # one reply at a time when compiled (dynamo and CUDA graph recording are not thread-safe)
+        self.serial = threading.Lock() if compile else None
+        self.context = self.model.config.max_position_embeddings
+        # the reply budget may take at most half the context: the other half is the conversation's
+        self.max_new_tokens = max(1, min(MAX_NEW_TOKENS, self.context // 2))
+        self.default_new_tokens = min(256, self.max_new_tokens)
+        self.turns = 0
+
+    def info(self) -> str:
+        c = self.model.config
+        params = sum(p.numel() for p in self.model.parameters())
+        return (
+            f"Model: `{self.model_id}` · {params / 1e6:.1f}M parameters · depth {c.num_hidden_layers} · width "
+            f"{c.hidden_size} · context {self.context} · {self.device.type} {str(self.model.dtype).split('.')[-1]}"
+            f" · calculator tool on"
+        )
+
+    def conversation_tokens(self, message: str, history: list[dict]) -> list[int]:
+        """<|bos|>, the history as nanochat's chat format, the new message and <|assistant_start|>."""
+        messages = []
+        for m in history:
+            content = _text(m.get("content"))
+            if m.get("role") == "user":
+                messages.append({"role": "user", "content": content})
+            elif m.get("role") == "assistant" and messages:
+                if messages[-1]["role"] == "assistant":  # one reply shown as several bubbles
+                    messages[-1]["content"] += parts_from_display(content)
+                else:
+                    messages.append({"role": "assistant", "content": parts_from_display(content)})
+        messages = [m for i, m in enumerate(messages) if m["role"] == "assistant" or _answered(messages, i)]
+        messages += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        return render_for_completion(self.tokenizer, messages)
+
+    def respond(self, message: str, history: list[dict], temperature: float, top_k: float, max_new_tokens: float):
+        """Stream the reply as the cumulative text (what ChatInterface shows)."""
+        try:
+            yield from self._respond(message, history, temperature, top_k, max_new_tokens)
+        except Exception as e:  # the user sees one line, the log gets the details
+            print(f"[error] {type(e).__name__}: {e}", file=sys.stderr)
+            yield f"⚠️ Sorry, something went wrong while generating the reply ({type(e).__name__}). Please try again."
+
+    def _respond(self, message, history, temperature, top_k, max_new_tokens):
+        message = (message or "").strip()
+        if not message:
+            yield "Please type a message."
+            return
+        max_new = int(min(max(1, max_new_tokens), self.max_new_tokens))
+        limit = min(MAX_INPUT_TOKENS, self.context - max_new - 5)
+        size = f"{len(message):,} characters" if len(message) > MAX_MESSAGE_CHARS else None
+        if size is None:
+            n = len(self.tokenizer.encode(message, add_special_tokens=False))
+            size = f"{n:,} tokens" if n > limit else None
+        if size is not None:
+            yield f"Your message is {size} long; this demo takes messages of up to {limit:,} tokens. Please shorten it."
+            return
+        tokens = self.conversation_tokens(message, history)
+        budget = self.context - max_new
+        if len(tokens) > budget:  # the oldest turns go, <|bos|> stays first
+            tokens = [self.special["bos"], *tokens[len(tokens) - budget + 1 :]]
+        self.turns += 1
+        out = _Text()
+        printer = StreamPrinter(self.tokenizer, out)
+        with self.serial or _nothing():
+            stream = self.engine.generate(
+                tokens,
+                max_new_tokens=max_new,
+                temperature=float(min(max(temperature, 0.0), 2.0)),
+                top_k=int(min(max(top_k, 0), 200)),
+                seed=self.turns,
+            )
+            start, shown, cut = time.monotonic(), None, False
+            try:
+                for step, mask in stream:
+                    if step[0] is not None:
+                        printer.feed(step[0], mask[0])
+                    if time.monotonic() - start > TIMEOUT_S:
+                        cut = True
+                        break
+                    if out.text != shown:
+                        shown = out.text
+                        yield display(shown)
+            finally:
+                stream.close()  # a cut reply, or a user who left: the engine frees its cache
+        printer.finish()
+        text = display(out.text).rstrip("\n")
+        if cut:
+            text += f"\n\n*(stopped: a reply may take at most {TIMEOUT_S} s)*"
+        yield text or "*(the model gave an empty reply)*"
+
+
+class _Text:
+    """The file StreamPrinter writes to: the reply so far."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _text(content) -> str:
+    """A history message's text: Gradio sends a string or a list of {"type": "text", "text": ...} blocks."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        return "".join(_text(c) for c in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return ""
+
+
+def _answered(messages: list[dict], i: int) -> bool:
+    """A user message followed by a reply (a message whose reply failed is left out of the prompt)."""
+    return i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
+
+
+def display(text: str) -> str:
+    """Calculator lines as inline code (so `2*3*4` is not read as emphasis); the rest stays Markdown."""
+    lines = []
+    for line in text.split("\n"):
+        if line.startswith("[python] "):
+            fence = "``" if "`" in line else "`"
+            line = f"{fence}{line}{fence}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def parts_from_display(text: str) -> list[dict]:
+    """The shown reply back to nanochat's assistant parts: text, python call, python output."""
+    parts = []
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        m = CALL.match(line)
+        if m is None:
+            parts.append({"type": "text", "text": line + ("\n" if i + 1 < len(lines) else "")})
+            continue
+        if parts and parts[-1]["type"] == "text" and parts[-1]["text"].endswith("\n"):
+            parts[-1]["text"] = parts[-1]["text"][:-1]  # the newline the display put before the call
+        parts.append({"type": "python", "text": m["code"]})
+        if m["result"] is not None and m["result"] != "(no result)":
+            parts.append({"type": "python_output", "text": m["result"]})
+    return [p for p in parts if p["text"] or p["type"] != "text"]
+
+
+def build(demo: Demo) -> gr.ChatInterface:
+    return gr.ChatInterface(
+        demo.respond,
+        additional_inputs=[
+            gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="temperature (0 = greedy)"),
+            gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)"),
+            gr.Slider(1, demo.max_new_tokens, value=demo.default_new_tokens, step=1, label="max new tokens"),
+        ],
+        additional_inputs_accordion=gr.Accordion("Sampling", open=False),
+        title="hfnanochat",
+        description=demo.info(),
+        api_name="chat",
+        concurrency_limit=CONCURRENCY,
+        save_history=False,
+        examples=None,
+        fill_height=True,
+    )
+
+
+def main() -> None:
+    model_id = os.environ.get("HFNANOCHAT_MODEL") or default_model()
+    if not model_id:
+        raise SystemExit("error: set HFNANOCHAT_MODEL to a Hub model id or a local model folder")
+    app = build(Demo(model_id))
+    app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
+    app.launch(
+        server_name=os.environ.get("HOST") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"),
+        server_port=_env_int("PORT", 7860),
+        show_error=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
