@@ -1,0 +1,1 @@
+"""Evaluation of base models: CORE (`core.py`), nanochat's in-context-learning metric."""
