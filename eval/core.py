@@ -88,7 +88,7 @@ def main(argv=None):
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         if args.report_dir:
             metrics = {"CORE": results["core"]} | {k: v["centered"] for k, v in results["tasks"].items()}
-            config = dict(model=str(args.model), max_per_task=args.max_per_task, skipped=results["skipped"])
+            config = dict(model=str(args.model), max_per_task=args.max_per_task, skipped=results["skipped"] or "none")
             config["processes"] = accelerator.num_processes
             report_section(
                 args.report_dir, "core", config=config, metrics=metrics, column="BASE", wall_time_s=time.time() - t0
