@@ -93,7 +93,7 @@ def download_bundle(bundle_dir: str | os.PathLike | None = None, url: str = BUND
         tmp.mkdir()
         archive = tmp / "eval_bundle.zip"
         print(f"downloading the CORE eval bundle (~160 MB) from {url}")
-        with urllib.request.urlopen(url) as response, open(archive, "wb") as f:
+        with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
             shutil.copyfileobj(response, f, length=1 << 20)
         with zipfile.ZipFile(archive) as z:
             z.extractall(tmp / "unzipped")
