@@ -244,7 +244,7 @@ def crop_left(tokens: list[int], start: int, end: int, max_len: int | None) -> t
     """Keep the last `max_len` tokens and shift the span with them (nanochat's rule for fixed-context models). The
     span keeps at least one position before it, so its first token is still predicted from something."""
     if max_len is None or len(tokens) <= max_len:
-        return tokens, start, end, False
+        return tokens, max(start, 1), end, False  # start 0: a schema option that is all suffix (BOS included)
     cut = len(tokens) - max_len
     return tokens[cut:], max(start - cut, 1), end - cut, True
 
