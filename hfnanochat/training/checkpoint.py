@@ -9,8 +9,9 @@ caller adds (data positions, `trainer_state.json`), and last `manifest.json` wit
 - Verified: `find_checkpoint(out, "latest")` takes the newest checkpoint whose files match its manifest. A truncated
   or corrupted one (a disk that filled up, a copy cut short) is skipped with a message saying which file is wrong,
   and the previous complete one is used.
-- Retention: the newest `keep` complete checkpoints stay; older ones, and incomplete ones, are removed (renamed to
-  `.tmp_delete_*` first, so a crash mid-delete never leaves a `step_` folder with files missing).
+- Retention: the newest `keep` complete checkpoints stay (files of the sizes their manifest records); older ones,
+  and incomplete or damaged ones, are removed (renamed to `.tmp_delete_*` first, so a crash mid-delete never leaves
+  a `step_` folder with files missing).
 
 TRL's and transformers' Trainer keep their own checkpoints (`checkpoint-N`); this module is for the loop that
 Accelerate runs directly, where nothing else provides them.
@@ -77,8 +78,9 @@ def save_checkpoint(
         write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # atomic on POSIX: readers see the old set of checkpoints or the new one
-        complete = [p for p in checkpoints(out) if (p / "manifest.json").is_file()]
-        partial = [p for p in checkpoints(out) if not (p / "manifest.json").is_file()]
+        # sizes against the manifest (cheap): a damaged checkpoint is removed, never kept in place of a good one
+        complete = [p for p in checkpoints(out) if verify_folder(p, hashes=False) is None]
+        partial = [p for p in checkpoints(out) if p not in complete]
         for old in complete[:-keep] + partial:
             trash = old.with_name(f".tmp_delete_{old.name}")
             os.replace(old, trash)
@@ -88,8 +90,8 @@ def save_checkpoint(
 
 
 def last_good(out: Path) -> Path | None:
-    """The newest checkpoint whose manifest is in place (cheap: no hashing), for messages."""
-    complete = [p for p in checkpoints(out) if (p / "manifest.json").is_file()]
+    """The newest checkpoint whose files have the sizes of its manifest (cheap: no hashing), for messages."""
+    complete = [p for p in checkpoints(out) if verify_folder(p, hashes=False) is None]
     return complete[-1] if complete else None
 
 
