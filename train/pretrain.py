@@ -20,6 +20,10 @@ Notable:
 - Checkpoints are written to a temporary folder and renamed into `OUT/checkpoints/step_NNNNNN` (a crash mid-write
   leaves the previous one intact; `--resume latest` skips a partial folder); `--resume` continues bit-exactly (model,
   optimizer, RNG, data position, smoothed loss) and rewrites `metrics.jsonl` from the checkpoint's step on.
+- At the end: CORE of the final model on every process (`--core-max-per-task 500` as nanochat's training runs;
+  `--core-bundle` offline, else the bundle is downloaded once), and a "pretrain" + "core" section in the run's
+  report (`--report-dir`, default `OUT/../report`, so that the stages writing to out/pretrain, out/sft, ... share
+  out/report/report.md; `--report-dir ''` writes none).
 - Logs: progress bar with loss/bpb/tok/s/MFU, `OUT/metrics.jsonl` (one JSON object per step), trackers via
   `--report-to`. A non-finite loss, or non-finite weights at a save, stops the run (exit 1) and keeps the last good
   checkpoint.
@@ -52,6 +56,8 @@ from hfnanochat.cli import (
     positive_float,
     positive_int,
 )
+from hfnanochat.evaluation.core import BundleError, download_bundle, evaluate_core
+from hfnanochat.report import plot_curves, report_section, write_report
 from hfnanochat.tokenizer import load_token_bytes
 from hfnanochat.training.checkpoint import (
     checkpoint_model_as_hf_folder,
@@ -167,7 +173,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on GPU)"
     )
-    p.add_argument("--core", action=argparse.BooleanOptionalAction, default=True, help="CORE at the end when available")
+    p.add_argument("--core", action=argparse.BooleanOptionalAction, default=True, help="CORE of the final model")
+    p.add_argument("--core-bundle", default=None, help="CORE eval bundle folder (default: download it once)")
+    p.add_argument("--core-max-per-task", type=int, default=500, help="CORE examples per task (nanochat: 500)")
+    p.add_argument("--report-dir", default=None, help="report sections go here (default: OUT/../report; '' = none)")
     p.add_argument("--seed", type=int, default=42)
     # A preset replaces the defaults, so every flag given on the command line still wins, in any spelling argparse
     # accepts (--depth 2, --depth=2, an abbreviation).
@@ -294,6 +303,7 @@ def weights_are_finite(raw_model, accelerator) -> bool:
 
 
 def main(argv=None):
+    started = time.time()
     args = parse_args(argv)
     # Below 1, the compiler's partitioner recomputes in the backward pass whatever activations it takes to keep
     # the saved ones under this fraction of what it would save otherwise (d20 at 32 rows on an H100: 0.9 -> 49
@@ -547,21 +557,38 @@ def main(argv=None):
         save_final(raw_model, tokenizer, final_dir, state_dict=state_dict)
         accelerator.print(f"saved {final_dir} | validation bpb {val_bpb:.4f} | training time {total_time / 60:.1f} min")
     accelerator.wait_for_everyone()
-    if args.core and accelerator.is_main_process:
-        run_core_if_available(final_dir)
+    report_dir = out.parent / "report" if args.report_dir is None else args.report_dir
+    if report_dir and accelerator.is_main_process:
+        curve = plot_curves(metrics_file, Path(report_dir) / "pretrain_loss.png", ["smooth_loss", "val_bpb"])
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        config |= dict(parameters=n_params, steps=steps, flops_per_token=flops_per_token)
+        report_section(
+            report_dir, "pretrain", config=config, metrics=dict(val_bpb=val_bpb, training_time_s=total_time),
+            wall_time_s=time.time() - started, tokens=steps * args.total_batch_size,
+            curves={"training loss and validation bpb": curve} if curve else None,
+        )  # fmt: skip
+    if args.core:
+        # every rank evaluates a share of the examples; under FSDP each loads the full final model for it
+        core_model = HFNanoChatForCausalLM.from_pretrained(final_dir).to(device) if fsdp else raw_model
+        t0 = time.time()
+        try:
+            bundle = Path(args.core_bundle) if args.core_bundle else download_bundle()
+            core = evaluate_core(core_model, tokenizer, bundle, max_per_task=args.core_max_per_task)
+        except (BundleError, OSError) as e:  # training is done and saved; CORE can be rerun with eval/core.py
+            accelerator.print(f"CORE skipped: {e}")
+        else:
+            accelerator.print(f"CORE {core['core']:.4f} ({args.core_max_per_task} examples per task)")
+            if report_dir and accelerator.is_main_process:
+                metrics = {"CORE": core["core"]} | {k: v["centered"] for k, v in core["tasks"].items()}
+                config = dict(
+                    model=str(final_dir), max_per_task=args.core_max_per_task, skipped=core["skipped"] or "none"
+                )
+                report_section(
+                    report_dir, "core", config=config, metrics=metrics, column="BASE", wall_time_s=time.time() - t0
+                )
+    if report_dir and accelerator.is_main_process:
+        write_report(report_dir)
     accelerator.end_training()
-
-
-def run_core_if_available(model_dir: Path):
-    """CORE lives in `hfnanochat.core` (evaluation milestone); run it on the final model once it exists."""
-    import importlib.util
-
-    if importlib.util.find_spec("hfnanochat.core") is None:
-        print("CORE: hfnanochat.core is not part of this installation; skipping")
-        return
-    from hfnanochat.core import evaluate_core
-
-    print(f"CORE: {evaluate_core(str(model_dir))}")
 
 
 if __name__ == "__main__":

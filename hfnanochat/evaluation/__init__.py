@@ -1,1 +1,1 @@
-"""Evaluation: nanochat's chat evals and ChatCORE (`chat.py`)."""
+"""Evaluation: CORE for base models (`core.py`), nanochat's chat evals and ChatCORE (`chat.py`)."""
