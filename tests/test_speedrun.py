@@ -65,7 +65,17 @@ def test_speedrun_offline_end_to_end(tmp_path):
 
     report = (out / "report" / "report.md").read_text()
     assert "offline data" in report and "near chance" in report
-    for section in ["## pretrain", "## core", "## mid", "## sft", "## rl", "## chat_eval"]:
+    for section in [
+        "## pretrain",
+        "## core",
+        "## mid",
+        "## sft",
+        "## rl",
+        "## chat-eval-mid",
+        "## chat-eval-sft",
+        "## chat-eval-rl",
+        "## data",
+    ]:
         assert section in report, section
     table = summary_table(report)
     assert sorted(table) == sorted(ROWS)
