@@ -3,6 +3,7 @@ data beside it, on CPU (the tiny preset; HFNANOCHAT_SPEEDRUN_SMOKE=1 shortens it
 report must fill its summary table for the stages that ran, a second run must skip them all, and the chat command the
 run prints at its end must answer."""
 
+import json
 import os
 import re
 import shutil
@@ -117,3 +118,29 @@ def test_speedrun_bad_arguments(tmp_path):
                              capture_output=True, text=True)  # fmt: skip
         assert run.returncode == 2 and run.stderr.strip().startswith(message), (args, run.stderr)
     assert not (tmp_path / "o").exists()
+
+
+def test_offline_evals_are_read_by_the_real_loaders(tmp_path):
+    """The generated stand-ins load through the same code as the public datasets, their calculator marks are right,
+    and the same seed writes the same files."""
+    from hfnanochat.evaluation.chat import load_problems
+    from hfnanochat.evaluation.core import load_bundle, load_rows
+    from hfnanochat.inference.sandbox import calculator
+    from hfnanochat.tasks.gsm8k import extract_answer
+    from hfnanochat.training.offline_data import write_offline_evals
+
+    out = write_offline_evals(tmp_path / "a", seed=3, train=50, test=20)
+    for task, folder in [("arc-easy", "ai2_arc"), ("arc-challenge", "ai2_arc"), ("mmlu", "mmlu"), ("gsm8k", "gsm8k")]:
+        problems, bad = load_problems(task, str(out / folder))
+        assert len(problems) == 20 and bad == 0, task
+    for row in map(json.loads, (out / "gsm8k" / "main" / "train.jsonl").read_text().splitlines()):
+        marks = re.findall(r"<<([^=>]+)=([^>]+)>>", row["answer"])
+        assert marks and all(calculator(expr) == result for expr, result in marks), row
+        assert extract_answer(row["answer"]) == marks[-1][1]
+    tasks, skipped = load_bundle(out / "core")
+    assert not skipped and [t.task_type for t in tasks] == ["language_modeling", "multiple_choice"]
+    assert all(len(load_rows(t)) == 20 for t in tasks)
+    assert "MIT" in (out / "LICENSE.txt").read_text()
+    again = write_offline_evals(tmp_path / "b", seed=3, train=50, test=20)
+    for path in out.rglob("*.jsonl"):
+        assert path.read_bytes() == (again / path.relative_to(out)).read_bytes(), path
