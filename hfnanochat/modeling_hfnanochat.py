@@ -23,16 +23,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hfnanochat import HFNanoChatConfig
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x; our code
 # accepts both spellings and answers in the one this transformers expects.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_arg_renamed(forward):
+    """Where transformers calls the cache argument `cache`, `past_key_values` warns as it does for built-in models."""
+    if _CACHE_FIELD == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+    return forward
 
 
 def rope_position_limit(config: HFNanoChatConfig) -> int:
@@ -71,36 +83,72 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class HFNanoChatRotaryEmbedding(nn.Module):
-    """cos/sin of nanochat's RoPE, looked up per call by `position_ids` (so left padding and packing just work).
+    """cos/sin of nanochat's RoPE for `position_ids` (so left padding and packing just work), (B, T, 1, head_dim/2).
 
-    The tables cover positions [0, 10 x max_position_embeddings), nanochat's own limit. They are non-persistent
-    buffers (rebuilt by `_init_weights` after a meta-device load, never saved) because computing cos/sin per call
-    is slow under torch.compile: Inductor folds the cos/sin of `position * inv_freq` into every q/k rotary kernel, so
-    each of the (batch x seq x heads x head_dim) elements re-evaluated two transcendentals (measured: 14% of a d20
-    training step on an H200). A lookup reads a table that sits in cache instead. Same values as computing them
-    per call: fp32 cos/sin, cast to the activations' dtype on use.
+    `config.rope_parameters["rope_type"]` is `"default"` (nanochat's) or any type of transformers'
+    `ROPE_INIT_FUNCTIONS` (linear, dynamic, yarn, longrope, llama3, ...), whose frequencies and attention scaling
+    come from transformers' own functions.
+
+    Types whose frequencies are fixed (all but dynamic and longrope) are looked up in tables covering positions
+    [0, 10 x max_position_embeddings), nanochat's own limit. They are non-persistent buffers (rebuilt by
+    `_init_weights` after a meta-device load, never saved) because computing cos/sin per call is slow under
+    torch.compile: Inductor folds the cos/sin of `position * inv_freq` into every q/k rotary kernel, so each of the
+    (batch x seq x heads x head_dim) elements re-evaluated two transcendentals (measured: 14% of a d20 training step on
+    an H200). A lookup reads a table that sits in cache instead. Same values as computing them per call: fp32 cos/sin,
+    cast to the activations' dtype on use. Length-dependent types (dynamic, longrope) compute them per call, as
+    transformers' models do, from `inv_freq` as `dynamic_rope_update` moves it.
     """
 
     def __init__(self, config: HFNanoChatConfig):
         super().__init__()
-        self.head_dim = config.head_dim
-        self.base = float(config.rope_parameters.get("rope_theta", 10000.0))
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        if self.rope_type != "default" and self.rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"rope_type {self.rope_type!r} is not supported: use 'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}"
+            )
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
         self.max_positions = rope_position_limit(config)
-        cos, sin = self.tables()
+        inv_freq, self.attention_scaling = self.rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+        self.tabled = self.rope_type not in ("dynamic", "longrope")
+        cos, sin = self.tables() if self.tabled else (None, None)
         self.register_buffer("cos_table", cos, persistent=False)
         self.register_buffer("sin_table", sin, persistent=False)
 
-    def tables(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(max_positions, head_dim/2) fp32 cos and sin of position * inv_freq."""
-        channels = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
-        inv_freq = 1.0 / (self.base ** (channels / self.head_dim))
-        freqs = torch.arange(self.max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq
-        return freqs.cos(), freqs.sin()
+    @staticmethod
+    def compute_default_rope_parameters(config: HFNanoChatConfig, device=None, seq_len=None, **kwargs):
+        """nanochat's inverse frequencies, theta ** (-2i / head_dim); no attention scaling."""
+        base = float(config.rope_parameters.get("rope_theta", 10000.0))
+        dim = config.head_dim
+        channels = torch.arange(0, dim, 2, dtype=torch.float32, device=device)
+        return 1.0 / (base ** (channels / dim)), 1.0
 
+    def rope_init_fn(self, config, device=None):
+        fn = (
+            self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        )
+        return fn(config, device)
+
+    def tables(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(max_positions, head_dim/2) fp32 cos and sin of position * inv_freq, times the attention scaling."""
+        inv_freq = self.rope_init_fn(self.config, device)[0]
+        freqs = torch.arange(self.max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos, sin
+
+    @dynamic_rope_update  # dynamic / longrope: moves inv_freq with the sequence length
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) positions -> cos, sin of shape (B, T, 1, head_dim/2) in x's dtype."""
-        cos, sin = self.cos_table[position_ids].to(x.dtype), self.sin_table[position_ids].to(x.dtype)
-        return cos[:, :, None, :], sin[:, :, None, :]
+        if self.cos_table is not None:
+            cos, sin = self.cos_table[position_ids], self.sin_table[position_ids]
+        else:
+            freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+            cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        return cos.to(x.dtype)[:, :, None, :], sin.to(x.dtype)[:, :, None, :]
 
 
 def _linear(in_features: int, out_features: int, init_role: str) -> nn.Linear:
@@ -139,11 +187,13 @@ class HFNanoChatAttention(nn.Module):
         value_embedding: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (output (B, T, d), attention weights or None), the attention weights for `output_attentions`."""
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         q, k, v = self.split_heads(q, k, v, hidden_states, value_embedding)
         q, k = self.rotate_and_norm(q, k, position_embeddings)
-        return self.o_proj(self.attend(q, k, v, attention_mask, cache, **kwargs))
+        out, weights = self.attend(q, k, v, attention_mask, cache, **kwargs)
+        return self.o_proj(out), weights
 
     def split_heads(self, q, k, v, gate_input, value_embedding):
         """Projected q, k, v (B, T, features) -> (B, T, heads, head_dim), with the 2026 value embedding added to v
@@ -166,9 +216,9 @@ class HFNanoChatAttention(nn.Module):
             q, k = q * self.config.qk_scale, k * self.config.qk_scale
         return q, k
 
-    def attend(self, q, k, v, attention_mask, cache, **kwargs) -> torch.Tensor:
+    def attend(self, q, k, v, attention_mask, cache, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T, heads, head_dim) q, k, v -> the cache update and the attention function registered under
-        `config._attn_implementation` -> (B, T, H * hd), what o_proj reads."""
+        `config._attn_implementation` -> ((B, T, H * hd), what o_proj reads; the attention weights or None)."""
         B, T = q.shape[:2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
@@ -176,7 +226,7 @@ class HFNanoChatAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        out, _ = attention_interface(
+        out, weights = attention_interface(
             self,
             q,
             k,
@@ -187,7 +237,7 @@ class HFNanoChatAttention(nn.Module):
             sliding_window=self.sliding_window,
             **kwargs,
         )
-        return out.reshape(B, T, -1)
+        return out.reshape(B, T, -1), weights
 
 
 class HFNanoChatMLP(nn.Module):
@@ -200,7 +250,7 @@ class HFNanoChatMLP(nn.Module):
         return self.fc2(F.relu(self.fc1(x)).square())  # ReLU^2
 
 
-class HFNanoChatDecoderLayer(nn.Module):
+class HFNanoChatDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: HFNanoChatConfig, layer_idx: int):
         super().__init__()
         self.eps = config.rms_norm_eps
@@ -208,9 +258,10 @@ class HFNanoChatDecoderLayer(nn.Module):
         self.mlp = HFNanoChatMLP(config)
 
     def forward(self, hidden_states, position_embeddings, attention_mask, value_embedding=None, cache=None, **kwargs):
-        hidden_states = hidden_states + self.self_attn(
+        attn_out, _ = self.self_attn(
             rms_norm(hidden_states, self.eps), position_embeddings, attention_mask, value_embedding, cache, **kwargs
         )
+        hidden_states = hidden_states + attn_out
         return hidden_states + self.mlp(rms_norm(hidden_states, self.eps))
 
 
@@ -226,6 +277,9 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # `output_hidden_states` / `output_attentions`: transformers' forward hooks record these modules' outputs, only
+    # when asked (no cost otherwise)
+    _can_record_outputs = {"hidden_states": HFNanoChatDecoderLayer, "attentions": HFNanoChatAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
         """nanochat's initialisation, per parameter-owning module (see `docs/architecture.md`).
@@ -259,9 +313,14 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
             else:
                 init.normal_(module.weight, std=1.0 if seed else 0.8)
         elif isinstance(module, HFNanoChatRotaryEmbedding):
-            cos, sin = module.tables(module.cos_table.device)
-            init.copy_(module.cos_table, cos)
-            init.copy_(module.sin_table, sin)
+            device = module.inv_freq.device
+            inv_freq = module.rope_init_fn(module.config, device)[0]
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+            if module.cos_table is not None:
+                cos, sin = module.tables(device)
+                init.copy_(module.cos_table, cos)
+                init.copy_(module.sin_table, sin)
         elif isinstance(module, HFNanoChatModel):
             L = config.num_hidden_layers
             ramp = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
@@ -272,6 +331,35 @@ class HFNanoChatPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.smear_lambda)  # smear starts disabled
             if module.backout_lambda is not None:
                 init.constant_(module.backout_lambda, 0.2)
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resize, plus the 2026 value embeddings: they are per-token tables too."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        backbone = getattr(self, self.base_model_prefix, self)
+        vocab = embeddings.weight.shape[0]
+        for name, table in backbone.value_embeds.items():
+            if table.weight.shape[0] != vocab:
+                resized = self._get_resized_embeddings(table, vocab, mean_resizing=mean_resizing)
+                resized.init_role = "value_embedding"
+                backbone.value_embeds[name] = resized
+        return embeddings
+
+
+def smear_cache_layer(cache: Cache, num_layers: int):
+    """The cache layer after the `num_layers` attention layers that keeps the smear option's embeddings (as its keys;
+    its values are empty), added on first use: a StaticLayer of the cache's length in a static cache, else a
+    DynamicLayer. Being a layer of the cache's own kind, it follows every cache operation the attention layers do."""
+    layers = cache.layers
+    if len(layers) > num_layers:
+        return layers[num_layers]
+    if getattr(cache, "layer_class_to_replicate", None) is not None:  # a cache that adds its layers lazily
+        while len(layers) <= num_layers:
+            layers.append(cache.layer_class_to_replicate())
+    elif any(isinstance(layer, StaticLayer) for layer in layers):
+        layers.append(StaticLayer(max_cache_len=max(layer.max_cache_len for layer in layers)))
+    else:
+        layers.append(DynamicLayer())
+    return layers[num_layers]
 
 
 class HFNanoChatModel(HFNanoChatPreTrainedModel):
@@ -303,23 +391,36 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _smear(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        # x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * x[t-1]. While decoding with a cache, x[t-1] is the
-        # last embedding of the previous call, which we keep on the cache object.
-        prev = getattr(cache, "hfnanochat_prev_embedding", None) if cache is not None else None
-        shifted = x[:, :-1] if prev is None else torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
-        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, -shifted.shape[1] :, :24]))
-        if cache is not None:
-            last = x[:, -1:].detach()
-            if prev is not None and prev.shape == last.shape and prev.dtype == last.dtype:
-                # in place, so that a compiled decode step (CUDA graphs) keeps reading and writing one buffer
-                prev.copy_(last)
-            else:
-                cache.hfnanochat_prev_embedding = last.clone()  # not a view of this call's activations
-        if shifted.shape[1] == 0:
-            return x
-        return torch.cat([x[:, : x.shape[1] - shifted.shape[1]], x[:, -shifted.shape[1] :] + gate * shifted], dim=1)
+    def _smear(self, x: torch.Tensor, cache: Cache | None, attention_mask) -> torch.Tensor:
+        """x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * x[t-1], nothing added where x[t-1] is padding
+        or does not exist (the first token).
 
+        With a cache, x[t-1] of a call's first token is the last embedding of the previous call: the embeddings are
+        kept in the cache itself, as one more layer after the attention layers (`smear_cache_layer`), so the cache's
+        own methods (beam reordering, batch repeat/select, crop, reset, a static cache's fixed buffers) carry them."""
+        mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        if cache is None:  # training: the plain shift
+            gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, 1:, :24]))  # (B, T-1, 1)
+            if mask is not None:
+                gate = gate * mask[:, :-1, None].to(gate.dtype)
+            return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :24]))  # (B, T, 1)
+        B, T, _ = x.shape
+        layer = smear_cache_layer(cache, self.config.num_hidden_layers)
+        history, _ = layer.update(x[:, None], x.new_empty(B, 1, T, 0))  # (B, 1, slots, d)
+        # slot of this call's first token: a static layer counts its writes in a tensor, a dynamic one has them all
+        length = layer.cumulative_length if isinstance(layer, StaticLayer) else history.shape[2]
+        prev_slot = torch.arange(T, device=x.device) + (length - T - 1)
+        has_prev = prev_slot >= 0
+        prev = history[:, 0].index_select(1, prev_slot.clamp(min=0)).to(x.dtype)
+        keep = has_prev[None, :, None].to(gate.dtype)
+        if mask is not None:
+            keep = keep * mask.gather(1, prev_slot.clamp(min=0)[None].expand(B, -1))[..., None].to(gate.dtype)
+        return x + gate * keep * prev
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @_cache_arg_renamed
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -380,7 +481,7 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         x = rms_norm(inputs_embeds, self.config.rms_norm_eps)  # norm right after the embedding
         if self.smear_gate is not None:
-            x = self._smear(x, cache)
+            x = self._smear(x, cache, attention_mask)
         x0 = x
         backout_layer = self.config.num_hidden_layers // 2
         x_mid = None
@@ -388,11 +489,8 @@ class HFNanoChatModel(HFNanoChatPreTrainedModel):
             if self.resid_lambdas is not None:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
-            layer_args = (x, position_embeddings, masks[self.config.layer_types[i]], ve, cache)
-            if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(layer.__call__, *layer_args, **kwargs)
-            else:
-                x = layer(*layer_args, **kwargs)
+            # tensors that need gradients positional: GradientCheckpointingLayer's reentrant checkpoint sees only those
+            x = layer(x, position_embeddings, masks[self.config.layer_types[i]], ve, cache=cache, **kwargs)
             if i == backout_layer:
                 x_mid = x
         if self.backout_lambda is not None:
@@ -490,6 +588,8 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
+    @can_return_tuple
+    @_cache_arg_renamed
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -512,9 +612,15 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
             cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        extras = {
+            "hidden_states": outputs.hidden_states,
+            "attentions": outputs.attentions,
+            _CACHE_FIELD: getattr(outputs, _CACHE_FIELD),
+        }
         if shift_labels is None and labels is not None:
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
         if loss_chunk_size and shift_labels is not None:
@@ -522,7 +628,7 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
             # computed right after its loss (FusedHeadLoss), so the (tokens x vocab) fp32 logits never exist all at
             # once (17 GB per copy at d20, batch 32 x 2048). Same loss and gradients as below, to float rounding.
             loss = self.chunked_loss(hidden_states, shift_labels, loss_chunk_size, kwargs.get("num_items_in_batch"))
-            return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+            return CausalLMOutputWithPast(loss=loss, logits=None, **extras)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.compute_logits(hidden_states[:, keep, :])
         loss = None
@@ -530,7 +636,7 @@ class HFNanoChatForCausalLM(HFNanoChatPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits, None, self.config.vocab_size, shift_labels=shift_labels.contiguous(), **kwargs
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **extras)
 
     def chunked_loss(self, hidden_states, shift_labels, chunk_size: int, num_items_in_batch=None) -> torch.Tensor:
         """Mean cross-entropy over targets != -100 without materialising the (tokens x vocab) logits; see

@@ -415,3 +415,19 @@ def test_two_processes_give_the_same_results(model_dir, bundle, cli_results, tmp
     two = json.loads(out.read_text())
     for label in ("arc_easy", "winograd", "jeopardy"):
         assert two["tasks"][label] == cli_results["tasks"][label], label
+
+
+def test_bundle_download_unpacks_once(tmp_path):
+    """The real download path, fed a local zip laid out like eval_bundle.zip (one top folder)."""
+    import zipfile
+
+    archive = tmp_path / "eval_bundle.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("eval_bundle/core.yaml", "icl_tasks: []\n")
+        z.writestr("eval_bundle/eval_meta_data.csv", "Eval Task,Random baseline\n")
+    target = tmp_path / "cache" / "eval_bundle"
+    assert core.download_bundle(target, url=archive.as_uri()) == target
+    assert (target / "core.yaml").is_file() and core.load_bundle(target) == ([], {})
+    archive.unlink()  # a second call finds the folder and downloads nothing
+    assert core.download_bundle(target, url=archive.as_uri()) == target
+    assert sorted(p.name for p in target.parent.iterdir()) == ["eval_bundle", "eval_bundle.lock"]

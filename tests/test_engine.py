@@ -24,7 +24,7 @@ ALL_2026 = dict(
     value_embeddings=True,
     residual_scalars=True,
     qk_scale=1.2,
-    smear=True,  # keeps state on the cache object: fan-out and the static copy must carry it
+    smear=True,  # embeddings kept in a cache layer of their own: fan-out and the static copy must carry them
     backout=True,
 )
 

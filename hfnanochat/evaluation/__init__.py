@@ -1,1 +1,2 @@
-"""Evaluation: CORE for base models (`core.py`), nanochat's chat evals and ChatCORE (`chat.py`)."""
+"""Evaluation: CORE for base models (`core.py`, nanochat's in-context-learning metric) and nanochat's chat evals
+with ChatCORE (`chat.py`)."""

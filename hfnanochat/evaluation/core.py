@@ -93,7 +93,7 @@ def download_bundle(bundle_dir: str | os.PathLike | None = None, url: str = BUND
         tmp.mkdir()
         archive = tmp / "eval_bundle.zip"
         print(f"downloading the CORE eval bundle (~160 MB) from {url}")
-        with urllib.request.urlopen(url) as response, open(archive, "wb") as f:
+        with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
             shutil.copyfileobj(response, f, length=1 << 20)
         with zipfile.ZipFile(archive) as z:
             z.extractall(tmp / "unzipped")
@@ -244,7 +244,7 @@ def crop_left(tokens: list[int], start: int, end: int, max_len: int | None) -> t
     """Keep the last `max_len` tokens and shift the span with them (nanochat's rule for fixed-context models). The
     span keeps at least one position before it, so its first token is still predicted from something."""
     if max_len is None or len(tokens) <= max_len:
-        return tokens, start, end, False
+        return tokens, max(start, 1), end, False  # start 0: a schema option that is all suffix (BOS included)
     cut = len(tokens) - max_len
     return tokens[cut:], max(start - cut, 1), end - cut, True
 

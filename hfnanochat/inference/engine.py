@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
 
 from ..modeling_hfnanochat import rope_position_limit
 from ..tokenizer import get_special_token_ids
@@ -60,10 +61,6 @@ STATIC_CACHE_BUCKET = 256
 # A tool output longer than this is replaced by an error line. The calculator's longest is ~30 characters (numbers are
 # capped at 1e15); another tool could return a flood that would fill every remaining step of its row.
 MAX_TOOL_OUTPUT_TOKENS = 64
-
-# Our model's 2026 "smear" option keeps the previous token's embedding as an attribute of the cache object, outside
-# the cache's layers, so the cache's own batch methods don't see it: fan-out and the static copy carry it by hand.
-_SMEAR_STATE = "hfnanochat_prev_embedding"
 
 
 @dataclass
@@ -196,7 +193,7 @@ class Engine:
         torch.compile record the graph again (milliseconds per call, and a node more in its tree each time). So a
         chat turn or an RL rollout of the same shape as the last one replays the recorded graph."""
         first = cache.layers[0].keys
-        key = (capacity, tuple(first.shape[:2]), first.dtype, first.device, hasattr(cache, _SMEAR_STATE))
+        key = (capacity, tuple(first.shape[:2]), first.dtype, first.device, len(cache.layers))
         with self._static_lock:
             owned = self._static_owner is None  # else another generation, not run to its end yet, is using it
             if owned:
@@ -206,6 +203,9 @@ class Engine:
             if owned:
                 self._static_cache = None  # the old cache's memory is free for the new one
             static = StaticCache(config=self.model.config, max_cache_len=capacity)
+            # a model may keep more than keys and values in layers after its attention layers (our smear option):
+            # plain static layers of the same capacity hold them
+            static.layers += [StaticLayer(max_cache_len=capacity) for _ in cache.layers[len(static.layers) :]]
             if len(static.layers) != len(cache.layers):
                 raise ValueError(
                     f"StaticCache has {len(static.layers)} layers but the model filled {len(cache.layers)}"
@@ -214,15 +214,6 @@ class Engine:
             static.reset()  # zeroed slots and write positions, as a new cache has them; same tensors
         for dst, src in zip(static.layers, cache.layers):
             dst.update(src.keys, src.values)
-        if hasattr(cache, _SMEAR_STATE):
-            # a buffer of its own that the model updates in place, at a fixed address like the cache's keys: the
-            # compiled step reads and writes it inside one CUDA graph replay
-            if hasattr(static, _SMEAR_STATE):
-                getattr(static, _SMEAR_STATE).copy_(getattr(cache, _SMEAR_STATE))
-            else:
-                prev = getattr(cache, _SMEAR_STATE).clone()
-                torch._dynamo.mark_static_address(prev)
-                setattr(static, _SMEAR_STATE, prev)
         if owned:
             self._static_cache, self._static_key = static, key
         return static
@@ -364,8 +355,6 @@ class Engine:
         # Fan out: each prompt's cache and last logits to its num_samples rows
         if num_samples > 1:
             cache.batch_repeat_interleave(num_samples)
-            if hasattr(cache, _SMEAR_STATE):
-                setattr(cache, _SMEAR_STATE, getattr(cache, _SMEAR_STATE).repeat_interleave(num_samples, dim=0))
             logits = logits.repeat_interleave(num_samples, dim=0)
             prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
         next_position = prompt_mask.sum(-1, keepdim=True)  # (rows, 1): each row's real length

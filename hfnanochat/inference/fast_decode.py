@@ -78,7 +78,7 @@ class FusedQKVAttention(HFNanoChatAttention):
             cache_in_place,
             **kwargs,
         )
-        return self.o_proj(out)
+        return self.o_proj(out), None  # no attention weights: generation does not record them
 
     def fast_attend(
         self, q, k, v, gate_input, position_embeddings, attention_mask, value_embedding, cache, cache_in_place, **kwargs
@@ -100,7 +100,7 @@ class FusedQKVAttention(HFNanoChatAttention):
         q, k = self.rotate_and_norm(q, k, position_embeddings)
         boolean_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
         if not (self.use_kernels and T == 1 and boolean_mask):
-            return self.attend(q, k, v, attention_mask, cache, **kwargs)
+            return self.attend(q, k, v, attention_mask, cache, **kwargs)[0]
         # one new token over an SDPA-style mask (True = attend; it also hides a static cache's unwritten slots)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
@@ -152,7 +152,8 @@ class InPlaceCacheBackbone(HFNanoChatModel):
             input_ids, *args, cache=cache, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
         )
         if in_place:
-            layers = (cache if cache is not None else past_key_values).layers
+            # the attention layers only; a smear layer after them (smear_cache_layer) moved itself in its update
+            layers = (cache if cache is not None else past_key_values).layers[: len(self.layers)]
             torch._foreach_add_([layer.cumulative_length for layer in layers], step.shape[1])
         return out
 
@@ -165,14 +166,14 @@ class InPlaceCacheBackbone(HFNanoChatModel):
             and not torch.is_grad_enabled()
             and self.config._attn_implementation == "sdpa"
             and isinstance(cache, Cache)
-            and len(cache.layers) == len(self.layers)
+            and len(cache.layers) == len(self.layers) + (self.smear_gate is not None)
             and all(isinstance(block.self_attn, KernelAttention) for block in self.layers)
             and all(
                 type(layer) is StaticLayer
                 and layer.is_initialized
                 and layer.keys.device == step.device
                 and isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
-                for layer in cache.layers
+                for layer in cache.layers[: len(self.layers)]
             )
         )
 
