@@ -6,6 +6,7 @@ run prints at its end must answer."""
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,21 @@ def speedrun(repo: Path, *args: str) -> subprocess.CompletedProcess:
         OMP_NUM_THREADS="2",
     )
     env.pop("PYTHONPATH", None)  # the copy's own code, as a user's clone would use
-    return subprocess.run(["bash", "speedrun.sh", *args], cwd=repo, env=env, capture_output=True, text=True)
+    # the README's first command, from the README's own text (a user copies it from there)
+    command = shlex.split(readme_commands(repo)[0])
+    return subprocess.run([*command, *args], cwd=repo, env=env, capture_output=True, text=True)
+
+
+def readme_commands(repo: Path) -> list[str]:
+    """The README's set-up commands: its fenced bash blocks, in order."""
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", (repo / "README.md").read_text(), re.S)]
+
+
+def test_readme_starts_with_the_main_job_and_the_test_command_ci_runs():
+    main_job, tests = readme_commands(ROOT)[:2]
+    assert main_job == "bash speedrun.sh"
+    assert tests.startswith("pip install") and "pytest" in tests
+    assert tests in (ROOT / ".ci" / "run").read_text()  # CI runs exactly the README's test command
 
 
 def summary_table(report: str) -> dict[str, dict[str, str]]:
