@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import random
+import re
 import string
 from pathlib import Path
 
@@ -218,3 +219,12 @@ def test_help_shows_each_default_once(capsys):
         pretrain.parse_args(["--help"])
     text = capsys.readouterr().out
     assert "(default: 20)" in text and "(default: 20) (default" not in text and "default 20)" not in text
+
+
+def test_a_final_folder_ships_pytorch_and_transformers_code_only(model_folder):
+    """What `auto_map` sends with a checkpoint: the modeling and configuration files, no Triton or decode kernels."""
+    code = sorted(p.name for p in model_folder.glob("*.py"))
+    assert code == ["configuration_hfnanochat.py", "modeling_hfnanochat.py"]
+    for path in model_folder.glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"import triton|from triton|triton\.|decode_kernels|fast_decode", text), path
