@@ -27,7 +27,7 @@ from .common_tests import Unavailable, load
 try:
     test_modeling_common, test_configuration_common = load()
 except Unavailable as e:
-    pytest.skip(str(e), allow_module_level=True)
+    pytest.skip(f"transformers' own test files could not be fetched (needs PyPI once): {e}", allow_module_level=True)
 
 ModelTesterMixin = test_modeling_common.ModelTesterMixin
 ConfigTester = test_configuration_common.ConfigTester
