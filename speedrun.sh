@@ -13,7 +13,8 @@
 #   - no GPU: the `tiny` preset on the same generated data, about 10 minutes on 2 CPU cores.
 #   With generated data the scores are near chance: they show that every stage runs, not a useful model.
 # A stage whose output is complete is skipped (--force re-runs it); each logs to OUT/logs/<stage>.log; a failed stage
-# stops the run with its log's tail, and the same command resumes it. HFNANOCHAT_SPEEDRUN_SMOKE=1 shrinks the tiny
+# stops the run with its log's tail, and the same command resumes it. --stop-after STAGE ends the run after that stage
+# (a job with a time limit: the same command without it continues). HFNANOCHAT_SPEEDRUN_SMOKE=1 shrinks the tiny
 # preset further (the CI test).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,13 +22,15 @@ ARGS=("$@")
 
 usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "error: $*" >&2; exit 2; }
-OUT=out PRESET="" RL=0 PUSH="" FORCE=0 OFFLINE=${HF_HUB_OFFLINE:-0}
+OUT=out PRESET="" RL=0 PUSH="" FORCE=0 OFFLINE=${HF_HUB_OFFLINE:-0} STOP_AFTER="" STOPPING=0
+STAGES="data tokenizer pretrain core mid chat_eval_mid sft chat_eval_sft rl chat_eval_rl report push"
 while [ $# -gt 0 ]; do
     case "$1" in
         --preset) [ $# -ge 2 ] || die "--preset needs a value"; PRESET=$2; shift 2 ;;
         --out) [ $# -ge 2 ] || die "--out needs a value"; OUT=$2; shift 2 ;;
         --push) [ $# -ge 2 ] || die "--push needs a repo id"; PUSH=$2; shift 2 ;;
         --rl) RL=1; shift ;;
+        --stop-after) [ $# -ge 2 ] || die "--stop-after needs a stage"; STOP_AFTER=$2; shift 2 ;;
         --force) FORCE=1; shift ;;
         --offline) OFFLINE=1; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -36,6 +39,7 @@ while [ $# -gt 0 ]; do
 done
 case "$PRESET" in "" | d20 | d26 | d32 | gpu | tiny) ;; *) die "--preset $PRESET: one of d20, d26, d32, gpu, tiny" ;; esac
 [ -z "$PUSH" ] || [[ "$PUSH" == */* ]] || die "--push $PUSH: a repo id ORG/NAME"
+[ -z "$STOP_AFTER" ] || [[ " $STAGES " == *" $STOP_AFTER "* ]] || die "--stop-after $STOP_AFTER: one of $STAGES"
 
 # --- environment: install what a fresh clone lacks ------------------------------------------------------------------
 PY=${PYTHON:-python3}
@@ -139,6 +143,15 @@ t_run=$SECONDS
 # OUT/logs/NAME.log; on failure print the log's tail and the command that resumes the run, and stop.
 run_stage() {
     local name=$1 done_test=$2; shift 2
+    if [ "$STOPPING" = 1 ]; then  # checked here, not right after the stage: its report section is written in between
+        local rest=() skip=0 a
+        for a in "${ARGS[@]}"; do  # the same command without --stop-after STAGE
+            if [ "$skip" = 1 ]; then skip=0; elif [ "$a" = --stop-after ]; then skip=1; else rest+=("$a"); fi
+        done
+        echo "== stopped after $STOP_AFTER (--stop-after); to continue: bash speedrun.sh ${rest[*]}"
+        exit 0
+    fi
+    [ "$name" = "$STOP_AFTER" ] && STOPPING=1
     if [ "$FORCE" = 0 ] && eval "$done_test"; then
         echo "== $name: skipped, its output is complete ($done_test; --force re-runs it)"
         return 0

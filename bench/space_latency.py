@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="Tell me a long story about a robot who learns to paint.")
     p.add_argument("--compile", action="store_true", help="HFNANOCHAT_COMPILE=1: compiled decode, replies serialized")
     p.add_argument("--jsonl", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--round-timeout", type=float, default=300, help="seconds a round may take before it is reported")
     args = p.parse_args(argv)
     try:
         args.users = [int(u) for u in args.users.split(",")]
@@ -137,19 +138,20 @@ def start_app(model: str, concurrency: int, new_tokens: int, compile: bool) -> t
     return proc, f"http://127.0.0.1:{port}/"
 
 
-def one_reply(client, args) -> tuple[float, float, float, str]:
-    """(sent, first partial, last partial) times and the final text of one streamed reply."""
+def one_reply(client, args) -> tuple[float, float, float, str, int]:
+    """(sent, first partial, last partial) times, the final text and the number of partials of one streamed reply."""
     sent = time.perf_counter()
     job = client.submit(args.prompt, args.temperature, args.top_k, args.new_tokens, api_name="/chat")
     first = last = None
-    text = ""
+    text, partials = "", 0
     for partial in job:
         if isinstance(partial, str) and partial:
             last = time.perf_counter()
             first = first or last
             text = partial
+            partials += 1
     text = job.result() or text
-    return sent, first or time.perf_counter(), last or time.perf_counter(), text
+    return sent, first or time.perf_counter(), last or time.perf_counter(), text, partials
 
 
 def round_of(users: int, url: str, tokenizer, args) -> dict:
@@ -163,30 +165,35 @@ def round_of(users: int, url: str, tokenizer, args) -> dict:
     def user(client):
         try:
             for _ in range(args.requests):
-                sent, first, last, text = one_reply(client, args)
+                sent, first, last, text, partials = one_reply(client, args)
                 client.reset_session()  # a new conversation: every request has the same prompt
                 plain = text.replace("`[python] ", "[python] ").replace("``", "")
                 tokens = len(tokenizer.encode(plain, add_special_tokens=False))
-                records.append((sent, first, last, tokens))
+                records.append((sent, first, last, partials, tokens))
         except Exception as e:  # reported after the round
             errors.append(repr(e))
 
-    threads = [threading.Thread(target=user, args=(c,)) for c in clients]
+    threads = [threading.Thread(target=user, args=(c,), daemon=True) for c in clients]
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(max(0.0, start + args.round_timeout - time.perf_counter()))
     wall = time.perf_counter() - start
     if errors:
         raise SystemExit(f"error: {len(errors)} users failed: {errors[:3]}")
-    ttft = sorted(1000 * (first - sent) for sent, first, _, _ in records)
-    per_user = [(n - 1) / (last - first) for _, first, last, n in records if n > 1 and last > first]
+    if not records:
+        raise SystemExit(f"error: no reply finished within --round-timeout {args.round_timeout:g} s ({users} users)")
+    ttft = sorted(1000 * (first - sent) for sent, first, *_ in records)
+    per_user = [(n - 1) / (last - first) for _, first, last, _, n in records if n > 1 and last > first]
     return dict(
         users=users,
         replies=len(records),
+        replies_expected=users * args.requests,
         new_tokens=args.new_tokens,
         mean_reply_tokens=round(statistics.mean(n for *_, n in records), 1),
+        # partial replies the client saw per reply: ~the reply's tokens when streaming works, 1 when it arrives whole
+        partials_per_reply_median=statistics.median(k for *_, k, _ in records),
         ttft_ms_median=round(statistics.median(ttft), 1),
         ttft_ms_p90=round(ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))], 1),
         tok_per_s_per_user=round(statistics.median(per_user), 1) if per_user else None,

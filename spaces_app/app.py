@@ -69,6 +69,7 @@ CONCURRENCY = _env_int("HFNANOCHAT_CONCURRENCY", 4)
 QUEUE_SIZE = _env_int("HFNANOCHAT_QUEUE", 64)
 TIMEOUT_S = _env_int("HFNANOCHAT_TIMEOUT", 60)
 COMPILE = os.environ.get("HFNANOCHAT_COMPILE", "0") == "1"
+YIELD_INTERVAL_S = 0.05  # the shown reply grows at most 20 times a second: smooth to read, cheap for Gradio
 MAX_MESSAGE_CHARS = 16 * MAX_INPUT_TOKENS  # a bound before tokenizing: nobody's message is 16 characters a token
 CALL = re.compile(r"^`*\[python\] (?P<code>.*?)(?: -> (?P<result>.*?))?(?P<cut> \(unfinished\))?`*$")
 
@@ -93,6 +94,14 @@ class Demo:
         self.max_new_tokens = max(1, min(MAX_NEW_TOKENS, self.context // 2))
         self.default_new_tokens = min(256, self.max_new_tokens)
         self.turns = 0
+        if compile:
+            # compile (about a minute at d20) before the first visitor comes, not during their first reply; a reply
+            # at the default budget has the cache size of a short first turn, so that turn replays this graph
+            t0 = time.monotonic()
+            print("compiling the decode step ...", flush=True)
+            for _ in self.engine.generate([self.special["bos"]], max_new_tokens=self.default_new_tokens, seed=0):
+                pass
+            print(f"compiled in {time.monotonic() - t0:.0f} s", flush=True)
 
     def info(self) -> str:
         c = self.model.config
@@ -146,47 +155,95 @@ class Demo:
         if len(tokens) > budget:  # the oldest turns go, <|bos|> stays first
             tokens = [self.special["bos"], *tokens[len(tokens) - budget + 1 :]]
         self.turns += 1
-        out = _Text()
-        printer = StreamPrinter(self.tokenizer, out)
-        with self.serial or _nothing():
-            stream = self.engine.generate(
-                tokens,
-                max_new_tokens=max_new,
-                temperature=float(min(max(temperature, 0.0), 2.0)),
-                top_k=int(min(max(top_k, 0), 200)),
-                seed=self.turns,
-            )
-            start, shown, cut = time.monotonic(), None, False
-            try:
-                for step, mask in stream:
-                    if step[0] is not None:
-                        printer.feed(step[0], mask[0])
-                    if time.monotonic() - start > TIMEOUT_S:
-                        cut = True
-                        break
-                    if out.text != shown:
-                        shown = out.text
-                        yield display(shown)
-            finally:
-                stream.close()  # a cut reply, or a user who left: the engine frees its cache
-        printer.finish()
-        text = display(out.text).rstrip("\n")
-        if cut:
+        reply = _Reply()
+        settings = dict(
+            max_new_tokens=max_new,
+            temperature=float(min(max(temperature, 0.0), 2.0)),
+            top_k=int(min(max(top_k, 0), 200)),
+            seed=self.turns,
+        )
+        # The engine runs in its own thread and this generator shows the reply so far every YIELD_INTERVAL_S: each
+        # yield costs Gradio a thread hop, a postprocess of the whole chat and a message, milliseconds that a GPU
+        # decode step (under one) must not wait for, so tokens are handed over in small batches, not one by one
+        threading.Thread(target=self._generate, args=(tokens, settings, reply), daemon=True).start()
+        shown = ""
+        try:
+            while True:
+                text, finished = reply.wait_for_more(len(shown), YIELD_INTERVAL_S)
+                if finished:
+                    break
+                shown = text
+                yield display(shown)
+        finally:
+            reply.cancel()  # the user left or the reply is over: the engine stops at its next step
+        if reply.error is not None:
+            raise reply.error
+        text = display(reply.text).rstrip("\n")
+        if reply.cut:
             text += f"\n\n*(stopped: a reply may take at most {TIMEOUT_S} s)*"
         yield text or "*(the model gave an empty reply)*"
 
+    def _generate(self, tokens: list[int], settings: dict, reply: "_Reply") -> None:
+        """The engine's loop, in a thread of its own: tokens to text on `reply` until the reply stops, is cut by the
+        time limit, or its user leaves."""
+        try:
+            with self.serial or _nothing():
+                if reply.cancelled:  # left while waiting for the compiled engine
+                    return
+                printer = StreamPrinter(self.tokenizer, reply)
+                stream = self.engine.generate(tokens, **settings)
+                start = time.monotonic()
+                try:
+                    for step, mask in stream:
+                        if step[0] is not None:
+                            printer.feed(step[0], mask[0])
+                        if reply.cancelled:
+                            return
+                        if time.monotonic() - start > TIMEOUT_S:
+                            reply.cut = True
+                            break
+                finally:
+                    stream.close()  # the engine frees its cache
+                printer.finish()
+        except Exception as e:  # shown to the user by respond
+            reply.error = e
+        finally:
+            reply.finish()
 
-class _Text:
-    """The file StreamPrinter writes to: the reply so far."""
+
+class _Reply:
+    """The reply so far, written by the engine's thread (as StreamPrinter's file) and read by the chat's generator."""
 
     def __init__(self):
         self.text = ""
+        self.cut, self.cancelled, self.finished, self.error = False, False, False, None
+        self._changed = threading.Condition()
 
     def write(self, s: str) -> None:
-        self.text += s
+        with self._changed:
+            self.text += s
+            self._changed.notify_all()
 
     def flush(self) -> None:
         pass
+
+    def finish(self) -> None:
+        with self._changed:
+            self.finished = True
+            self._changed.notify_all()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def wait_for_more(self, seen: int, interval: float) -> tuple[str, bool]:
+        """(text, finished): waits until the text grew past `seen` characters or the reply finished; new text is
+        held back until `interval` has passed since the wait began, so that one yield carries several tokens."""
+        start = time.monotonic()
+        with self._changed:
+            self._changed.wait_for(lambda: self.finished or len(self.text) > seen)
+            if not self.finished:
+                self._changed.wait_for(lambda: self.finished, timeout=max(0.0, start + interval - time.monotonic()))
+            return self.text, self.finished
 
 
 class _nothing:

@@ -508,3 +508,19 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, sa
     model = HFNanoChatForCausalLM.from_pretrained(good / "model", dtype=torch.float32)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert math.isfinite(model(input_ids=torch.arange(64).view(1, 64), labels=torch.arange(64).view(1, 64)).loss.item())
+
+
+def test_metrics_log_survives_an_overwritten_run_folder(tmp_path):
+    """--overwrite removes the run folder (clear_output); the stage's first metrics line must recreate it, not fail
+    with 'No such file or directory' (the RL stage did, after a speedrun resumed it without a checkpoint)."""
+    from hfnanochat.cli import clear_output
+    from hfnanochat.training.metrics import append_jsonl
+
+    run = tmp_path / "rl"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    clear_output(run)
+    append_jsonl(run / "metrics.jsonl", {"step": 1, "reward": 0.5})
+    assert [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] == [
+        {"step": 1, "reward": 0.5}
+    ]

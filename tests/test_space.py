@@ -71,11 +71,26 @@ def test_client_multi_turn_with_the_calculator_and_streaming(in_process):
     client = Client(url, verbose=False)
     assert "/chat" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert client.predict("what is 12 times 7", 0.0, 50, 20, api_name="/chat") == REPLY
-    job = client.submit("and once more?", 0.0, 50, 20, api_name="/chat")
-    assert job.result(timeout=120) == REPLY
+    # a model as slow as a big one on a CPU (30 ms a token): the reply reaches the client in growing pieces of a
+    # few tokens each, one per app.YIELD_INTERVAL_S (50 ms), not one message per token
+    real_generate, steps = demo.engine.generate, []
+
+    def slow_generate(*args, **kwargs):
+        for step in real_generate(*args, **kwargs):
+            time.sleep(0.03)
+            steps.append(step)
+            yield step
+
+    demo.engine.generate = slow_generate
+    try:
+        job = client.submit("and once more?", 0.0, 50, 20, api_name="/chat")
+        assert job.result(timeout=120) == REPLY
+    finally:
+        demo.engine.generate = real_generate
     partials = [p for p in job.outputs() if isinstance(p, str)]
     plain = [p.replace("`", "") for p in partials]  # a call line is wrapped as code once it is whole
     assert len(set(plain)) > 2 and all(REPLY.replace("`", "").startswith(p) for p in plain)  # streamed, growing
+    assert len(partials) < len(steps), (len(partials), len(steps))  # several tokens per message
 
     # the second turn's prompt is exactly the tokens the CLI chat keeps: the shown calculator line went back to the
     # python call and its output, and the first exchange is in it
@@ -99,6 +114,28 @@ def test_errors_are_a_message_not_a_traceback(in_process, monkeypatch):
     replies = list(demo.respond("hello", [], 0.0, 50, 20))
     assert replies == ["⚠️ Sorry, something went wrong while generating the reply (AttributeError). Please try again."]
     assert list(demo.respond("   ", [], 0.0, 50, 20)) == ["Please type a message."]
+
+
+def test_a_user_who_leaves_stops_the_generation(in_process, monkeypatch):
+    """The engine runs in a thread of its own; when the chat's generator is closed (the browser went away), that
+    thread stops at its next step instead of generating the rest of the reply for nobody."""
+    app, demo, _, _ = in_process
+    real_generate, steps = demo.engine.generate, []
+
+    def slow_generate(*args, **kwargs):
+        for step in real_generate(*args, **kwargs):
+            time.sleep(0.05)
+            steps.append(step)
+            yield step
+
+    monkeypatch.setattr(demo.engine, "generate", slow_generate)
+    replies = demo.respond("what is 12 times 7", [], 0.0, 50, 20)
+    assert next(replies)  # the first piece of the reply
+    replies.close()
+    time.sleep(0.2)
+    stopped_at = len(steps)
+    time.sleep(0.3)
+    assert len(steps) == stopped_at < 12  # the whole reply is 12 steps; none was generated after leaving
 
 
 def test_display_round_trips_to_the_assistant_parts():

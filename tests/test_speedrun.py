@@ -1,7 +1,7 @@
 """The README's main command end to end: `bash speedrun.sh --rl` in a fresh copy of the repository, offline, with no
 data beside it, on CPU (the tiny preset; HFNANOCHAT_SPEEDRUN_SMOKE=1 shortens it to fit CI). Every stage must run, the
 report must fill its summary table for the stages that ran, a second run must skip them all, and the chat command the
-run prints at its end must answer."""
+run prints at its end must answer. The first run stops half way (--stop-after) and the same command finishes it."""
 
 import json
 import os
@@ -72,11 +72,18 @@ def summary_table(report: str) -> dict[str, dict[str, str]]:
 @pytest.mark.slow
 def test_speedrun_offline_end_to_end(tmp_path):
     repo = fresh_copy(tmp_path / "hfnanochat")
+    # in two parts, as a job with a time limit runs it: --stop-after, then the same command without it
+    first = speedrun(repo, "--rl", "--stop-after", "sft")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert "== stopped after sft (--stop-after); to continue: bash speedrun.sh --rl" in first.stdout
+    assert "== chat_eval_sft" not in first.stdout
+    assert (repo / "out" / "report" / "sft.json").is_file()  # the last stage's report section was written
     run = speedrun(repo, "--rl")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     out = repo / "out"
-    for stage in STAGES:
-        assert f"== {stage} done" in run.stdout, stage
+    for i, stage in enumerate(STAGES):
+        ran_in = first if i <= STAGES.index("sft") else run
+        assert f"== {stage} done" in ran_in.stdout, stage
         assert (out / "logs" / f"{stage}.log").is_file()
 
     report = (out / "report" / "report.md").read_text()
@@ -128,6 +135,7 @@ def test_speedrun_bad_arguments(tmp_path):
         (["--preset", "d99"], "error: --preset d99: one of d20, d26, d32, gpu, tiny"),
         (["--bogus"], "error: unknown argument --bogus"),
         (["--push", "noslash"], "error: --push noslash: a repo id ORG/NAME"),
+        (["--stop-after", "lunch"], "error: --stop-after lunch: one of data tokenizer pretrain core mid"),
     ]:
         run = subprocess.run(["bash", str(ROOT / "speedrun.sh"), *args, "--out", str(tmp_path / "o")],
                              capture_output=True, text=True)  # fmt: skip
