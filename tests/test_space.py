@@ -66,6 +66,18 @@ def in_process(model_dir):
     blocks.close()
 
 
+def slowed(generate, seconds: float, steps: list):
+    """The engine's generate taking `seconds` more per step (a bigger model on a CPU), each step recorded."""
+
+    def slow_generate(*args, **kwargs):
+        for step in generate(*args, **kwargs):
+            time.sleep(seconds)
+            steps.append(step)
+            yield step
+
+    return slow_generate
+
+
 def test_client_multi_turn_with_the_calculator_and_streaming(in_process):
     app, demo, url, prompts = in_process
     client = Client(url, verbose=False)
@@ -74,14 +86,7 @@ def test_client_multi_turn_with_the_calculator_and_streaming(in_process):
     # a model as slow as a big one on a CPU (30 ms a token): the reply reaches the client in growing pieces of a
     # few tokens each, one per app.YIELD_INTERVAL_S (50 ms), not one message per token
     real_generate, steps = demo.engine.generate, []
-
-    def slow_generate(*args, **kwargs):
-        for step in real_generate(*args, **kwargs):
-            time.sleep(0.03)
-            steps.append(step)
-            yield step
-
-    demo.engine.generate = slow_generate
+    demo.engine.generate = slowed(real_generate, 0.03, steps)
     try:
         job = client.submit("and once more?", 0.0, 50, 20, api_name="/chat")
         assert job.result(timeout=120) == REPLY
@@ -120,15 +125,8 @@ def test_a_user_who_leaves_stops_the_generation(in_process, monkeypatch):
     """The engine runs in a thread of its own; when the chat's generator is closed (the browser went away), that
     thread stops at its next step instead of generating the rest of the reply for nobody."""
     app, demo, _, _ = in_process
-    real_generate, steps = demo.engine.generate, []
-
-    def slow_generate(*args, **kwargs):
-        for step in real_generate(*args, **kwargs):
-            time.sleep(0.05)
-            steps.append(step)
-            yield step
-
-    monkeypatch.setattr(demo.engine, "generate", slow_generate)
+    steps = []
+    monkeypatch.setattr(demo.engine, "generate", slowed(demo.engine.generate, 0.05, steps))
     replies = demo.respond("what is 12 times 7", [], 0.0, 50, 20)
     assert next(replies)  # the first piece of the reply
     replies.close()
