@@ -14,6 +14,8 @@ and streams the reply:
 - time to first token (TTFT): from sending the message to the first non-empty partial reply;
 - tokens/s per user: the reply's tokens after the first, over the time from the first partial to the last;
 - tokens/s total: every reply's tokens over the wall time of the whole round.
+- server_*: medians of the app's own `[reply]` log lines (the engine's tok/s and first token, before Gradio
+  delivers them); without --url only.
 Tokens are the reply's text encoded again by the model's tokenizer (the stream carries text, not ids). The --depth
 model repeats one word token, so its replies are exactly --new-tokens tokens and re-encode exactly (see
 `repeating_model_folder`); for a trained --model the count is the re-encoded text's.
@@ -23,6 +25,7 @@ One JSON line per user count on stdout (and appended to --jsonl).
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -111,7 +114,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(model: str, concurrency: int, new_tokens: int, compile: bool) -> tuple[subprocess.Popen, str]:
+def start_app(model: str, concurrency: int, new_tokens: int, compile: bool) -> tuple[subprocess.Popen, str, list]:
+    """The app on a free loopback port: its process, URL and output lines (read on as it runs)."""
     port = free_port()
     env = dict(
         os.environ,
@@ -135,7 +139,7 @@ def start_app(model: str, concurrency: int, new_tokens: int, compile: bool) -> t
             proc.kill()
             raise SystemExit("error: the app did not start:\n" + b"".join(lines).decode(errors="replace")[-3000:])
         time.sleep(0.5)
-    return proc, f"http://127.0.0.1:{port}/"
+    return proc, f"http://127.0.0.1:{port}/", lines
 
 
 def one_reply(client, args) -> tuple[float, float, float, str, int]:
@@ -202,6 +206,19 @@ def round_of(users: int, url: str, tokenizer, args) -> dict:
     )
 
 
+def server_side(lines: list[bytes]) -> dict:
+    """Medians of the app's `[reply]` log lines of a round: the engine's own rate and first-token time, without
+    Gradio's delivery (a large gap to the client's figures means the time goes to the web layer)."""
+    pattern = re.compile(rb"\[reply\] (\d+) tokens in ([\d.]+) s \((\d+) tok/s\), first after (\d+) ms")
+    replies = [m.groups() for m in map(pattern.search, lines) if m]
+    if not replies:
+        return {}
+    return dict(
+        server_tok_per_s_median=statistics.median(int(r[2]) for r in replies),
+        server_first_token_ms_median=statistics.median(int(r[3]) for r in replies),
+    )
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
@@ -216,10 +233,15 @@ def main(argv=None) -> None:
             folder = repeating_model_folder(args.depth, args.tokenizer, Path(tmp), max(256, 4 * args.new_tokens))
             model = str(folder)
         tokenizer = AutoTokenizer.from_pretrained(model)
-        proc, url = (None, args.url) if args.url else start_app(model, max(args.users), args.new_tokens, args.compile)
+        if args.url:
+            proc, url, app_lines = None, args.url, []
+        else:
+            proc, url, app_lines = start_app(model, max(args.users), args.new_tokens, args.compile)
         try:
             for users in args.users:
+                seen = len(app_lines)
                 result = round_of(users, url, tokenizer, args)
+                result |= server_side(app_lines[seen:])
                 result.update(
                     model=args.model or f"d{args.depth} nanochat init, repeating",
                     device="cuda" if torch.cuda.is_available() else "cpu",

@@ -192,11 +192,13 @@ class Demo:
                     return
                 printer = StreamPrinter(self.tokenizer, reply)
                 stream = self.engine.generate(tokens, **settings)
-                start = time.monotonic()
+                start, first, generated = time.monotonic(), None, 0
                 try:
                     for step, mask in stream:
                         if step[0] is not None:
                             printer.feed(step[0], mask[0])
+                            generated += 1
+                            first = first or time.monotonic()
                         if reply.cancelled:
                             return
                         if time.monotonic() - start > TIMEOUT_S:
@@ -205,6 +207,13 @@ class Demo:
                 finally:
                     stream.close()  # the engine frees its cache
                 printer.finish()
+                # the server's side of a reply's speed (what the user sees adds Gradio's delivery to it)
+                seconds = time.monotonic() - start
+                print(
+                    f"[reply] {generated} tokens in {seconds:.2f} s ({generated / max(seconds, 1e-9):.0f} tok/s), "
+                    f"first after {1000 * ((first or start) - start):.0f} ms, prompt {len(tokens)} tokens",
+                    flush=True,
+                )
         except Exception as e:  # shown to the user by respond
             reply.error = e
         finally:
