@@ -117,7 +117,7 @@ def main():
     one_at_a_time(model, tokenizer, small, rows[small.label][:8])
     result = {"depth": args.depth, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     result |= {"examples": n_examples, "batch_size": args.batch_size, "tasks": {}}
-    # every task batched first, then every task one at a time (the slow way, ~15x longer on a GPU): a run cut short
+    # every task batched first, then every task one at a time (the slow way, ~10x longer on a GPU): a run cut short
     # still has the batched figure and the one-at-a-time rate of the tasks it finished
     batched = {}
     for task in tasks:

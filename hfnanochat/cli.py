@@ -93,12 +93,14 @@ def check_output(out: str | Path, *, resume: bool, overwrite: bool, what: str = 
 
 
 def clear_output(out: str | Path) -> None:
-    """Remove a run folder the user asked to replace (--overwrite), by renaming it aside first: a crash mid-delete
-    leaves `.<name>.replaced`, never a half-deleted run that looks like the new one."""
+    """Empty a run folder the user asked to replace (--overwrite), by renaming it aside first: a crash mid-delete
+    leaves `.<name>.replaced`, never a half-deleted run that looks like the new one. The folder is left in place,
+    empty, for the new run's first write (a metrics line may come before any checkpoint)."""
     out = Path(out)
     aside = out.with_name(f".{out.name}.replaced")
     shutil.rmtree(aside, ignore_errors=True)
     os.replace(out, aside)
+    out.mkdir()
     shutil.rmtree(aside)
 
 

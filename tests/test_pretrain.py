@@ -511,7 +511,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys, sa
 
 
 def test_metrics_log_survives_an_overwritten_run_folder(tmp_path):
-    """--overwrite removes the run folder (clear_output); the stage's first metrics line must recreate it, not fail
+    """--overwrite empties the run folder (clear_output); the stage's first metrics line must find it, not fail
     with 'No such file or directory' (the RL stage did, after a speedrun resumed it without a checkpoint)."""
     from hfnanochat.cli import clear_output
     from hfnanochat.training.metrics import append_jsonl

@@ -20,7 +20,6 @@ def peak_flops(device: torch.device) -> float | None:
 
 def append_jsonl(path: str | Path, record: dict) -> None:
     """One JSON object as one line at the end of `path` (metrics logs, benchmark results)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)  # a run folder that --overwrite has just cleared
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
