@@ -22,6 +22,7 @@ Notable:
 - Errors reach the user as one line in the chat, never a traceback.
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -187,7 +188,7 @@ class Demo:
         """The engine's loop, in a thread of its own: tokens to text on `reply` until the reply stops, is cut by the
         time limit, or its user leaves."""
         try:
-            with self.serial or _nothing():
+            with self.serial or contextlib.nullcontext():
                 if reply.cancelled:  # left while waiting for the compiled engine
                     return
                 printer = StreamPrinter(self.tokenizer, reply)
@@ -253,14 +254,6 @@ class _Reply:
             if not self.finished:
                 self._changed.wait_for(lambda: self.finished, timeout=max(0.0, start + interval - time.monotonic()))
             return self.text, self.finished
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _text(content) -> str:
