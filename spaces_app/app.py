@@ -8,8 +8,9 @@ Settings (environment variables; a public demo's limits):
 - HFNANOCHAT_MAX_NEW_TOKENS (512): upper bound of the max-new-tokens slider.
 - HFNANOCHAT_CONCURRENCY (4): replies generated at once; the queue holds the others (HFNANOCHAT_QUEUE, 64, at most).
 - HFNANOCHAT_TIMEOUT (60): seconds a reply may take; it is cut there, with a note.
-- HFNANOCHAT_COMPILE (0): on a GPU, decode through torch.compile + CUDA graphs. Compilation is not thread-safe, so
-  with it on, replies are generated one at a time (fast per user, no overlap); off, they overlap, eager.
+- HFNANOCHAT_COMPILE (0): on a GPU, decode through torch.compile + CUDA graphs. Compilation is not thread-safe and
+  torch keeps CUDA graphs per thread, so with it on, one engine thread generates the replies one at a time (fast per
+  user, no overlap); off, HFNANOCHAT_CONCURRENCY engine threads overlap them, eager.
 - HOST / PORT (127.0.0.1 / 7860; on a Space, 0.0.0.0).
 
 Notable:
@@ -22,12 +23,12 @@ Notable:
 - Errors reach the user as one line in the chat, never a traceback.
 """
 
-import contextlib
 import os
 import re
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr
@@ -88,8 +89,10 @@ class Demo:
         self.special = get_special_token_ids(self.tokenizer)
         compile = COMPILE and self.device.type == "cuda"
         self.engine = Engine(self.model, self.tokenizer, compile=compile)
-        # one reply at a time when compiled (dynamo and CUDA graph recording are not thread-safe)
-        self.serial = threading.Lock() if compile else None
+        # The engine runs in threads of its own, kept for the app's life: torch's CUDA graphs belong to the thread
+        # that recorded them (a new thread per reply re-recorded them on every reply), and dynamo and graph
+        # recording are not thread-safe, so compiled, one thread does all the decoding, the warm-up included
+        self.engine_threads = ThreadPoolExecutor(max_workers=1 if compile else CONCURRENCY, thread_name_prefix="engine")
         self.context = self.model.config.max_position_embeddings
         # the reply budget may take at most half the context: the other half is the conversation's
         self.max_new_tokens = max(1, min(MAX_NEW_TOKENS, self.context // 2))
@@ -100,8 +103,8 @@ class Demo:
             # at the default budget has the cache size of a short first turn, so that turn replays this graph
             t0 = time.monotonic()
             print("compiling the decode step ...", flush=True)
-            for _ in self.engine.generate([self.special["bos"]], max_new_tokens=self.default_new_tokens, seed=0):
-                pass
+            warm_up = self.engine.generate_batch
+            self.engine_threads.submit(warm_up, [self.special["bos"]], max_new_tokens=self.default_new_tokens).result()
             print(f"compiled in {time.monotonic() - t0:.0f} s", flush=True)
 
     def info(self) -> str:
@@ -163,10 +166,10 @@ class Demo:
             top_k=int(min(max(top_k, 0), 200)),
             seed=self.turns,
         )
-        # The engine runs in its own thread and this generator shows the reply so far every YIELD_INTERVAL_S: each
+        # The engine runs in an engine thread and this generator shows the reply so far every YIELD_INTERVAL_S: each
         # yield costs Gradio a thread hop, a postprocess of the whole chat and a message, milliseconds that a GPU
         # decode step (under one) must not wait for, so tokens are handed over in small batches, not one by one
-        threading.Thread(target=self._generate, args=(tokens, settings, reply), daemon=True).start()
+        self.engine_threads.submit(self._generate, tokens, settings, reply)
         shown = ""
         try:
             while True:
@@ -185,36 +188,35 @@ class Demo:
         yield text or "*(the model gave an empty reply)*"
 
     def _generate(self, tokens: list[int], settings: dict, reply: "_Reply") -> None:
-        """The engine's loop, in a thread of its own: tokens to text on `reply` until the reply stops, is cut by the
-        time limit, or its user leaves."""
+        """The engine's loop, in an engine thread: tokens to text on `reply` until the reply stops, is cut by the time
+        limit, or its user leaves."""
         try:
-            with self.serial or contextlib.nullcontext():
-                if reply.cancelled:  # left while waiting for the compiled engine
-                    return
-                printer = StreamPrinter(self.tokenizer, reply)
-                stream = self.engine.generate(tokens, **settings)
-                start, first, generated = time.monotonic(), None, 0
-                try:
-                    for step, mask in stream:
-                        if step[0] is not None:
-                            printer.feed(step[0], mask[0])
-                            generated += 1
-                            first = first or time.monotonic()
-                        if reply.cancelled:
-                            return
-                        if time.monotonic() - start > TIMEOUT_S:
-                            reply.cut = True
-                            break
-                finally:
-                    stream.close()  # the engine frees its cache
-                printer.finish()
-                # the server's side of a reply's speed (what the user sees adds Gradio's delivery to it)
-                seconds = time.monotonic() - start
-                print(
-                    f"[reply] {generated} tokens in {seconds:.2f} s ({generated / max(seconds, 1e-9):.0f} tok/s), "
-                    f"first after {1000 * ((first or start) - start):.0f} ms, prompt {len(tokens)} tokens",
-                    flush=True,
-                )
+            if reply.cancelled:  # left while waiting for an engine thread
+                return
+            printer = StreamPrinter(self.tokenizer, reply)
+            stream = self.engine.generate(tokens, **settings)
+            start, first, generated = time.monotonic(), None, 0
+            try:
+                for step, mask in stream:
+                    if step[0] is not None:
+                        printer.feed(step[0], mask[0])
+                        generated += 1
+                        first = first or time.monotonic()
+                    if reply.cancelled:
+                        return
+                    if time.monotonic() - start > TIMEOUT_S:
+                        reply.cut = True
+                        break
+            finally:
+                stream.close()  # the engine frees its cache
+            printer.finish()
+            # the server's side of a reply's speed (what the user sees adds Gradio's delivery to it)
+            seconds = time.monotonic() - start
+            print(
+                f"[reply] {generated} tokens in {seconds:.2f} s ({generated / max(seconds, 1e-9):.0f} tok/s), "
+                f"first after {1000 * ((first or start) - start):.0f} ms, prompt {len(tokens)} tokens",
+                flush=True,
+            )
         except Exception as e:  # shown to the user by respond
             reply.error = e
         finally:

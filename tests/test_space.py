@@ -136,6 +136,24 @@ def test_a_user_who_leaves_stops_the_generation(in_process, monkeypatch):
     assert len(steps) == stopped_at < 12  # the whole reply is 12 steps; none was generated after leaving
 
 
+def test_replies_reuse_the_engine_threads(in_process, monkeypatch):
+    """The engine threads live as long as the app: torch keeps CUDA graphs per thread, so a thread per reply would
+    record the compiled decode step's graphs again on every reply."""
+    app, demo, _, _ = in_process
+    threads = []  # the thread objects themselves: held here, none can be freed and its identity reused
+    real_generate = demo.engine.generate
+
+    def recording_generate(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(demo.engine, "generate", recording_generate)
+    for turn in range(3 * app.CONCURRENCY):
+        assert list(demo.respond(f"what is 12 times {turn}", [], 0.0, 50, 20))[-1] == REPLY
+    assert len(threads) == 3 * app.CONCURRENCY
+    assert len(set(threads)) <= app.CONCURRENCY and all(t.name.startswith("engine") for t in threads)
+
+
 def test_display_round_trips_to_the_assistant_parts():
     app = load_app()
     shown = app.display("sure\n[python] 2*3*4 -> 24\n that is 24\n[python] `x` -> (no result)\nok")
