@@ -232,6 +232,9 @@ def parse_args(argv=None):
     # run
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on GPU)"
+    )
+    p.add_argument(
         "--save-every", type=non_negative_int, default=500, help="checkpoint every N steps (0: no checkpoints)"
     )
     p.add_argument("--keep-checkpoints", type=positive_int, default=2)
@@ -384,6 +387,9 @@ def run_options(args, out: Path) -> dict:
         max_grad_norm=0.0,  # nanochat clips only in pretraining
         # TRL turns recomputation on by default; nanochat never recomputes (transformers renamed the field in 5.x)
         **{RECOMPUTE_FIELD: args.gradient_checkpointing},
+        # the model as pretraining runs it: compiled (Accelerate wraps it when the trainer prepares it), which fuses
+        # the norms, rotary embeddings and activations that leave an eager step waiting on memory
+        torch_compile=torch.cuda.is_available() if args.compile is None else args.compile,
         bf16=torch.cuda.is_available(),  # autocast over fp32 weights, as pretraining
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (else a warning per run)
         logging_steps=1,
