@@ -1,0 +1,33 @@
+"""bench/speed.py, the one command behind the benchmarks page's speed tables, at its tiny CPU size: every bench runs,
+its figures land in the JSON lines, and the closing table holds each goal's figure."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_speed_suite_runs_every_bench_and_tables_the_goals(tmp_path):
+    jsonl = tmp_path / "speed.jsonl"
+    cmd = [sys.executable, str(REPO / "bench" / "speed.py"), "--smoke", "--device", "cpu", "--jsonl", str(jsonl)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert {row["bench"] for row in rows} == {"pretraining", "sft", "rollouts", "decode"}
+    assert any(row["bench"] == "sft" and row["loop"] == "SFTTrainer (midtrain)" for row in rows)
+    decode = {(row["impl"], row["batch"]) for row in rows if row["bench"] == "decode"}
+    assert decode == {(impl, batch) for impl in ("engine", "generate") for batch in (1, 32)}
+    table = r.stdout[r.stdout.index("| figure |") :].splitlines()
+    engine_b1 = next(row["decode_tok_s"] for row in rows if row["bench"] == "decode" and row["batch"] == 1
+                     and row["impl"] == "engine")  # fmt: skip
+    assert f"| decode tok/s, batch 1 | {engine_b1:,.1f} | ≥ 2,400 | no |" in table  # a CPU is far from the goal
+    assert "| pretraining d20 MFU, % | — | ≥ 60.0 | — |" in table  # no MFU without a GPU's peak
+
+
+def test_speed_suite_rejects_an_unknown_bench():
+    cmd = [sys.executable, str(REPO / "bench" / "speed.py"), "--smoke", "--only", "decode,training"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and "--only training: choose among pretraining, sft, rollouts, decode" in r.stderr
