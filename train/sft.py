@@ -378,6 +378,11 @@ def optimizer_options(args, lr_scale: float) -> tuple[dict, dict]:
     return trainer_kwargs, dict(learning_rate=lr, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-10, weight_decay=0.0)
 
 
+def fsdp_launch() -> bool:
+    """Launched by `accelerate launch` with an FSDP config (read before the trainer's Accelerator exists)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
 def run_options(args, out: Path) -> dict:
     """SFTConfig fields both stages set the same way."""
     return dict(
@@ -388,8 +393,9 @@ def run_options(args, out: Path) -> dict:
         # TRL turns recomputation on by default; nanochat never recomputes (transformers renamed the field in 5.x)
         **{RECOMPUTE_FIELD: args.gradient_checkpointing},
         # the model as pretraining runs it: compiled (Accelerate wraps it when the trainer prepares it), which fuses
-        # the norms, rotary embeddings and activations that leave an eager step waiting on memory
-        torch_compile=torch.cuda.is_available() if args.compile is None else args.compile,
+        # the norms, rotary embeddings and activations that leave an eager step waiting on memory; under FSDP eager
+        # by default, as in pretraining (a compiled FSDP2 model met sharded weights there)
+        torch_compile=args.compile if args.compile is not None else torch.cuda.is_available() and not fsdp_launch(),
         bf16=torch.cuda.is_available(),  # autocast over fp32 weights, as pretraining
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (else a warning per run)
         logging_steps=1,
