@@ -123,9 +123,10 @@ case "$PRESET" in
             --eval-every 200 --eval-tokens 16384 --sample-every 600 --save-every 200)
         # mid-training and SFT take small steps: the generated chats are about a million tokens, which a 65,536-token
         # step would cover in ~15 steps (too few to learn anything: at the tiny scale, 9 mid-training steps left
-        # GSM8K at 0/200 where 261 steps over the same tokens reached 194/200)
+        # GSM8K at 0/200 where 261 steps over the same tokens reached 194/200); eager: compiling takes a minute,
+        # more than these few hundred small steps gain from it
         MID=(--no-recipe --data "$DATA/evals/chat.jsonl" --identity --spelling --max-rows 20000 --max-seq-len 512
-            --device-batch-size 8 --total-batch-size $((4096 * NGPU)) --save-every 0 --num-proc 4)
+            --device-batch-size 8 --total-batch-size $((4096 * NGPU)) --save-every 0 --num-proc 4 --no-compile)
         SFT=(--no-recipe --data "$DATA/evals/chat.jsonl" --identity --spelling --max-rows 4000 --max-seq-len 512
             --device-batch-size 4 --examples-per-step $((8 * NGPU)) --save-every 0 --num-proc 4)
         CORE=(--bundle "$DATA/evals/core" --max-per-task 500)

@@ -1,7 +1,7 @@
 """The speed tables of docs/benchmarks.md in one command on one GPU: pretraining, SFT against our own loop, RL
 rollouts, decode; then each figure against its goal.
 
-    python bench/speed.py --tokenizer tok --gsm8k gsm8k     # one GPU, about 10 minutes
+    python bench/speed.py --tokenizer tok --gsm8k gsm8k     # one GPU
     python bench/speed.py                                   # offline: generates its tokenizer and word problems first
     python bench/speed.py --smoke --device cpu              # every bench at a tiny size (what the test runs)
 
