@@ -191,7 +191,11 @@ resume_flags() {
 }
 # an evaluation's results JSON, with no task skipped (a run that skipped one exits 2 but still writes its file)
 results_ok() { [ -f "$1" ] && "$PY" -c "import json, sys; sys.exit(bool(json.load(open('$1')).get('skipped')))" 2>/dev/null; }
-final_ok() { "$PY" -c "import sys; from hfnanochat.training.export import verify_folder as v; sys.exit(v('$1') is not None)" 2>/dev/null; }
+# (the manifest test first: a stage not run yet is told in no time, not after a Python start that imports torch)
+final_ok() {
+    [ -f "$1/manifest.json" ] &&
+        "$PY" -c "import sys; from hfnanochat.training.export import verify_folder as v; sys.exit(v('$1') is not None)" 2>/dev/null
+}
 
 # A training stage's section of the report (pretraining writes its own): its config, last metrics and wall time
 record_section() {
