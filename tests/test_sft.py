@@ -512,7 +512,7 @@ def test_midtrain_resume_continues_exactly(env, tmp_path):
 @pytest.mark.parametrize("mixture", ["mid", "sft"])
 def test_compiled_trainer_trains_like_the_eager_one(env, tmp_path, mixture):
     """--compile (mid-training's default on a GPU): SFTTrainer runs the model through torch.compile, and the losses
-    are the eager run's. SFT's padded rows change shape from batch to batch: those recompile, they do not fail."""
+    are the eager run's. SFT's padded rows change shape from batch to batch: they recompile, they do not fail."""
     from accelerate.utils import is_compiled_module
 
     batch = ["--total-batch-size", "256"] if mixture == "mid" else ["--examples-per-step", "4"]
