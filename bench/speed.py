@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hfnanochat.training.metrics import append_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = ("pretraining", "sft", "rollouts", "decode")
 
@@ -99,8 +101,7 @@ def run_bench(name: str, cmd: list[str], limit: int, jsonl: Path) -> tuple[list[
         if line.startswith("{"):
             row = {"bench": name, **json.loads(line)}
             lines.append(row)
-            with open(jsonl, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(jsonl, row)
     if failure:
         print(f"   FAILED ({failure}):\n" + "\n".join(output.splitlines()[-15:]), flush=True)
     print(f"   {len(lines)} figure(s) in {time.monotonic() - t0:.0f} s", flush=True)
