@@ -181,6 +181,7 @@ run_stage() {
     fi
     echo "== $name done in $((SECONDS - t0)) s"
     STAGE_SECONDS=$((SECONDS - t0))
+    echo "{\"stage\": \"$name\", \"seconds\": $STAGE_SECONDS, \"gpus\": $NGPU}" >>"$REPORT/stage_times.jsonl"
 }
 
 # Continue a training stage that stopped part way, replace it with --force, else start it fresh
@@ -211,7 +212,8 @@ rows = [json.loads(line) for line in open(run / "metrics.jsonl")] if (run / "met
 last = {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 keys = [k for k in last if "loss" in k or "reward" in k]
 curve = plot_curves(run / "metrics.jsonl", report / f"{name}_curve.png", keys) if keys else None
-report_section(report, name, config={"command": " ".join(argv), "steps": len(rows)}, metrics=last, wall_time_s=wall,
+steps = max((int(r["step"]) for r in rows if "step" in r), default=0)  # evaluation rows carry a step too
+report_section(report, name, config={"command": " ".join(argv), "steps": steps}, metrics=last, wall_time_s=wall,
                curves={f"{name}: {', '.join(keys)}": curve} if curve else None)
 PY
 }
@@ -244,7 +246,8 @@ fi
 
 STAGE_SECONDS=""
 run_stage tokenizer "[ -f $OUT/tokenizer/tokenizer.json ]" \
-    "$PY" train/tokenizer.py "${TOK[@]}" --out "$OUT/tokenizer" $([ "$FORCE" = 1 ] && echo --overwrite)
+    "$PY" train/tokenizer.py "${TOK[@]}" --out "$OUT/tokenizer" --report-dir "$REPORT" \
+    $([ "$FORCE" = 1 ] && echo --overwrite)
 
 # CORE runs as its own stage below (eval/core.py), so that it is skipped, logged and resumed like the others
 run_stage pretrain "final_ok $OUT/pretrain/final" \

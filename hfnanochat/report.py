@@ -11,8 +11,10 @@ Notable:
   (tokenizer, pretrain, core, mid, sft, rl, each stage's evaluations after it; unknown names after, oldest first),
   then nanochat's summary table (CORE ... ChatCORE x BASE/MID/SFT/RL, '-' where nothing was measured), the total
   wall time and the estimated cost.
-- Cost = GPU-hours (each section's wall time x the GPUs it ran on) x a rate: $3 per H100-hour by default (nanochat's
-  "$24/h for an 8xH100 node"), `HFNANOCHAT_GPU_HOUR_USD` or `--gpu-hour-usd` to change it.
+- Time and cost: where speedrun.sh left `stage_times.jsonl` (each stage's process timed from start to end, the
+  GPUs of the node it held), the total is its stages' sum, listed stage by stage; otherwise the sum of the sections'
+  own timers (which leave out process start-up, model loading and data preparation). Cost = GPU-hours x a rate: $3
+  per H100-hour by default (nanochat's "$24/h for an 8xH100 node"), `HFNANOCHAT_GPU_HOUR_USD` or `--gpu-hour-usd`.
 - `plot_curves` draws metrics.jsonl columns against the step into a PNG when matplotlib is installed
   (`pip install hfnanochat[report]`); without it the report simply has no pictures.
 """
@@ -33,6 +35,7 @@ SUMMARY_COLUMNS = ["BASE", "MID", "SFT", "RL"]
 PIPELINE = ["tokenizer", "pretrain", "base", "core", "mid", "sft", "rl"]
 STAGE_OF_SUFFIX = {"base": "core", "mid": "mid", "sft": "sft", "rl": "rl"}
 DEFAULT_GPU_HOUR_USD = 3.0  # nanochat: an 8xH100 node at $24/h
+STAGE_TIMES = "stage_times.jsonl"  # speedrun.sh appends {"stage", "seconds", "gpus"} after each stage it ran
 LIBRARIES = ["torch", "transformers", "accelerate", "trl", "datasets", "tokenizers", "lm-eval", "hfnanochat"]
 
 
@@ -184,6 +187,21 @@ def load_sections(report_dir) -> list[dict]:
     return sorted(sections, key=order)
 
 
+def load_stage_times(report_dir) -> dict[str, dict]:
+    """speedrun.sh's stage timings, the last run of each stage (a --force re-run replaces the earlier one)."""
+    path = Path(report_dir) / STAGE_TIMES
+    if not path.is_file():
+        return {}
+    times = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+            times[entry["stage"]] = {"seconds": float(entry["seconds"]), "gpus": int(entry["gpus"])}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a line cut short by a killed run
+    return times
+
+
 def _fmt(value) -> str:
     if isinstance(value, bool) or value is None:
         return str(value)
@@ -241,6 +259,12 @@ def write_report(report_dir, *, gpu_hour_usd: float | None = None) -> Path:
     for row in SUMMARY_ROWS:
         cells = ["-" if table[row][c] is None else _fmt(table[row][c]) for c in SUMMARY_COLUMNS]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    stage_times = load_stage_times(report_dir)
+    if stage_times:
+        total_s = sum(t["seconds"] for t in stage_times.values())
+        gpu_hours = sum(t["seconds"] * t["gpus"] for t in stage_times.values()) / 3600
+        lines += ["", "| Stage | Wall time | GPUs |", "|---|---|---|"]
+        lines += [f"| {name} | {_duration(t['seconds'])} | {t['gpus']} |" for name, t in stage_times.items()]
     lines += [
         "",
         f"Total wall time: {_duration(total_s)}",

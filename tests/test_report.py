@@ -123,6 +123,26 @@ def test_total_time_and_cost(pipeline, tmp_path):
     assert "8.00 GPU-hours x $2.00/GPU-hour = $16.00" in (tmp_path / "report.md").read_text()
 
 
+def test_speedrun_stage_times_give_the_total_and_the_cost(pipeline, tmp_path):
+    """speedrun.sh's per-stage timings (whole processes) replace the sections' own timers; a re-run stage counts once,
+    a line cut short by a killed run is ignored."""
+    _, reports = pipeline
+    for path in reports.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    (tmp_path / report.STAGE_TIMES).write_text(
+        '{"stage": "tokenizer", "seconds": 20, "gpus": 8}\n'
+        '{"stage": "pretrain", "seconds": 9000, "gpus": 8}\n'
+        '{"stage": "pretrain", "seconds": 3580, "gpus": 8}\n'
+        '{"stage": "chat_eval_sft", "seco'
+    )
+    report.main([str(tmp_path)])
+    text = (tmp_path / "report.md").read_text()
+    assert "| tokenizer | 0m20s | 8 |" in text and "| pretrain | 59m40s | 8 |" in text
+    assert "chat_eval_sft |" not in text
+    assert "Total wall time: 1h00m00s" in text
+    assert "Estimated cost: 8.00 GPU-hours x $3.00/GPU-hour = $24.00" in text
+
+
 def test_regenerating_gives_the_same_report_and_leaves_no_temporary_files(pipeline):
     _, reports = pipeline
     before = (reports / "report.md").read_text()

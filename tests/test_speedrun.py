@@ -89,6 +89,7 @@ def test_speedrun_offline_end_to_end(tmp_path):
     report = (out / "report" / "report.md").read_text()
     assert "offline data" in report and "near chance" in report
     for section in [
+        "## tokenizer",
         "## pretrain",
         "## core",
         "## mid",
@@ -108,6 +109,8 @@ def test_speedrun_offline_end_to_end(tmp_path):
         for column in ["MID", "SFT", "RL"]:
             assert number.match(table[row][column]), (row, column, table[row])
     assert "Total wall time" in report and "Estimated cost" in report
+    for stage in STAGES:  # each stage's whole process, timed by the script
+        assert re.search(rf"^\| {stage} \| \d+m\d\ds \| 0 \|$", report, re.M), stage
 
     # the last lines say how to chat, and that command works
     assert run.stdout.rstrip().splitlines()[-1].strip() == "python -m hfnanochat.chat --model out/rl/final"

@@ -24,6 +24,7 @@ import time
 from tqdm import tqdm
 
 from hfnanochat.cli import ArgumentParser, check_output, clear_output, positive_int
+from hfnanochat.report import report_section
 from hfnanochat.tokenizer import save_tokenizer, token_bytes, train_tokenizer
 from hfnanochat.training.data import DEFAULT_DATA, DEFAULT_DATA_CONFIG, DocumentStream, local_files
 
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default="out/tokenizer", help="output folder (AutoTokenizer-loadable)")
     parser.add_argument("--overwrite", action="store_true", help="replace what --out holds (default: refuse to)")
+    parser.add_argument("--report-dir", default=None, help="write the report's tokenizer section into this folder")
     args = parser.parse_args(argv)
     try:  # checked before hours of training, replaced only once the new tokenizer is saved
         replace = check_output(args.out, resume=False, overwrite=args.overwrite, what="tokenizer")
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"trained on {n_chars:,} characters in {n_docs:,} documents in {time.time() - t0:.1f}s")
+    train_seconds = time.time() - t0
+    print(f"trained on {n_chars:,} characters in {n_docs:,} documents in {train_seconds:.1f}s")
 
     # Compression on held-out text (split_special_tokens: a literal "<|bos|>" in the text is text, as in nanochat)
     held_out, n_held_out_chars = [], 0
@@ -160,6 +163,26 @@ def main(argv=None) -> int:
         clear_output(args.out)
     out = save_tokenizer(tokenizer, args.out)
     print(f"saved {len(tokenizer):,}-token tokenizer and token_bytes.pt to {out}")
+    if args.report_dir:
+        report_section(
+            args.report_dir,
+            "tokenizer",
+            config={
+                "data": data,
+                "data_config": config,
+                "max_chars": args.max_chars,
+                "doc_cap": args.doc_cap,
+                "compression_measured_on": label,
+            },
+            metrics={
+                "vocab_size": len(tokenizer),
+                "train_chars": n_chars,
+                "train_docs": n_docs,
+                "chars_per_token": n_text_chars / n_tokens,
+                "bytes_per_token": n_text_bytes / n_tokens,
+            },
+            wall_time_s=train_seconds,
+        )
     return 0
 
 
