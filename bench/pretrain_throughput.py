@@ -150,6 +150,12 @@ def print_gpu_time(train_step, step: int, accelerator) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         train_step(step)
         torch.cuda.synchronize()
+    print_kernel_time(prof, 1, accelerator.print)
+
+
+def print_kernel_time(prof, steps: int, print_fn=print, top: int = 30) -> float:
+    """Print the GPU time per step of a finished torch profile, by kind of kernel, then its top kernels; return the
+    GPU seconds per step."""
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)
     by_kind: dict[str, float] = {}
@@ -157,15 +163,16 @@ def print_gpu_time(train_step, step: int, accelerator) -> None:
         name = e.key.lower()
         kind = next((k for k, frags in KERNEL_KINDS if any(f in name for f in frags)), "other")
         by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total
-    accelerator.print(
-        f"GPU time of one step: {total / 1e6:.3f} s; "
+    print_fn(
+        f"GPU time of one step: {total / 1e6 / steps:.3f} s; "
         + ", ".join(f"{kind} {100 * t / total:.1f}%" for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]))
     )
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
-        accelerator.print(
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print_fn(
             f"{100 * e.self_device_time_total / total:6.2f}% {e.count:6d}x "
             f"{e.self_device_time_total / e.count:9.1f} us  {e.key[:100]}"
         )
+    return total / 1e6 / steps
 
 
 if __name__ == "__main__":

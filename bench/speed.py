@@ -44,7 +44,7 @@ def benches(args, tok: str, gsm8k: str) -> list[tuple[str, list[str], int]]:
                              "--steps", "2", "--warmup", "1", "--no-compile", "--loss-chunk-size", "64"], 300),
             ("sft", [py, "bench/sft_throughput.py", "--gsm8k", gsm8k, "--stage", "midtrain", "--depth", "2",
                      "--max-seq-len", "256", "--vocab-size", "512", "--max-rows", "400", "--skip-steps", "0",
-                     "--no-pretrain", "--", "--device-batch-size", "2", "--total-batch-size", "512"], 300),
+                     "--no-pretrain", "--total-batch-size", "512", "--", "--device-batch-size", "2"], 300),
             ("rollouts", [py, "bench/rl_rollouts.py", "--depth", "2", "--vocab-size", "4096", "--tokenizer", tok,
                           "--data", f"{gsm8k}/train.jsonl", "--prompts", "2", "--samples", "2", "--new-tokens", "8",
                           "--repeats", "1", "--impls", "engine", "--device", args.device], 300),
@@ -58,7 +58,7 @@ def benches(args, tok: str, gsm8k: str) -> list[tuple[str, list[str], int]]:
                          "--activation-memory-budget", "0.9", "--steps", "3", "--warmup", "2"], 180),
         # mid-training through SFTTrainer (compiled) and our pretraining step, both d12 on packed 2048-token rows
         ("sft", [py, "bench/sft_throughput.py", "--gsm8k", gsm8k, "--stage", "midtrain", "--max-rows", "7473",
-                 "--", "--total-batch-size", "65536"], 210),
+                 "--tokenizer", tok, "--total-batch-size", "65536"], 240),
         ("rollouts", [py, "bench/rl_rollouts.py", "--depth", "20", "--tokenizer", tok, "--data",
                       f"{gsm8k}/train.jsonl", "--repeats", "2"], 120),
         ("decode", [py, "bench/decode.py", "--tokenizer", tok, "--repeats", "3", "--configs",

@@ -348,6 +348,57 @@ def test_plain_causal_sdpa_passes_no_mask_and_matches_masked_attention():
     torch.testing.assert_close(plain, masked, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("options", [{}, {"smear": True, "value_embeddings": True}], ids=["seed", "smear+ve"])
+def test_right_padded_rows_attend_without_a_mask_and_keep_the_loss(options):
+    """`right_padded=True` (our SFT collator's flag): SDPA gets no mask tensor, and the loss, its gradients and the
+    real tokens' logits equal the masked run's, through forward and through TRL's fused head."""
+    model = random_model(tiny_config(**options)).train()
+    model.set_attn_implementation("sdpa")
+    lengths = (24, 15, 9)
+    ids = torch.full((3, 24), 95)
+    mask = torch.zeros(3, 24, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(0, 95, (n,))
+        mask[i, :n] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attn_mask"))
+        return original(*args, **kwargs)
+
+    runs = {}
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        for flag in (False, True):
+            model.zero_grad()
+            seen.clear()
+            extra = {"right_padded": True} if flag else {}
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False, **extra)
+            out.loss.backward()
+            runs[flag] = (
+                out.loss.detach(),
+                out.logits.detach(),
+                {n: q.grad.clone() for n, q in model.named_parameters()},
+            )
+            assert all((m is None) == flag for m in seen), flag
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    (loss_m, logits_m, grads_m), (loss_r, logits_r, grads_r) = runs[False], runs[True]
+    torch.testing.assert_close(loss_r, loss_m, atol=1e-5, rtol=1e-5)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(logits_r[i, :n], logits_m[i, :n], atol=1e-4, rtol=1e-4)
+    for name in grads_m:
+        torch.testing.assert_close(grads_r[name], grads_m[name], atol=1e-4, rtol=1e-4, msg=name)
+
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    trl_utils.add_fused_lm_head(model)
+    fused = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, right_padded=True)
+    mask_fused = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(fused.log_probs, mask_fused.log_probs, atol=1e-4, rtol=1e-4)
+
+
 def test_padded_head_matmul_equals_plain_projection():
     """vocab 97 is computed as 128 columns for large batches of rows (and unpadded for a few decode rows)."""
     model = random_model(tiny_config())

@@ -315,6 +315,36 @@ def test_midtrain_rows_are_the_rendered_stream(env, tmp_path, assistant_only):
     assert sum(len(ids) < 64 for ids, _ in rows) <= 1  # full rows, only the tail is short
 
 
+@pytest.mark.parametrize("mixture", ["mid", "sft"])
+def test_batches_tell_the_model_their_rows_are_right_padded(env, tmp_path, mixture):
+    """Every batch of both stages is flagged `right_padded` (the model then attends without a mask tensor), and the
+    flag leaves the trainer's loss on it unchanged."""
+    batch = ["--total-batch-size", "256"] if mixture == "mid" else ["--examples-per-step", "4"]
+    args = sft.parse_args(["--mixture", mixture, "--model", env["base"], "--out", str(tmp_path), "--data", env["data"],
+                           "--max-seq-len", "64", "--device-batch-size", "4", *batch, "--num-proc", "1"])  # fmt: skip
+    trainer, _, _ = sft.build(args)
+    batches = list(trainer.get_train_dataloader())
+    assert batches and all(b.get("right_padded") is True for b in batches)
+    padded = next(b for b in batches if not b["attention_mask"].all()) if mixture == "sft" else batches[0]
+    model = trainer.model.eval()
+    with torch.no_grad():
+        flagged = trainer.compute_loss(model, dict(padded))
+        unflagged = trainer.compute_loss(model, {k: v for k, v in padded.items() if k != "right_padded"})
+    torch.testing.assert_close(flagged, unflagged, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_or_position_id_batches_are_not_flagged():
+    ones_then_zeros = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    flag = sft_utils.RightPaddedRows(lambda rows: {"attention_mask": torch.tensor(rows)})
+    assert flag(ones_then_zeros.tolist()).get("right_padded") is True
+    assert "right_padded" not in flag([[0, 1, 1, 1], [1, 1, 1, 1]])  # left padding: the mask is needed
+    assert "right_padded" not in flag([[1, 0, 1, 1]])  # a hole
+    packed = sft_utils.RightPaddedRows(
+        lambda rows: {"attention_mask": torch.ones(1, 4), "position_ids": torch.zeros(1, 4)}
+    )
+    assert "right_padded" not in packed([None])  # padding-free packing: positions restart, documents stay apart
+
+
 # -- training ----------------------------------------------------------------------------------------------------------
 
 

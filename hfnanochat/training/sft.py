@@ -65,6 +65,7 @@ class NanochatSFTTrainer(SFTTrainer):
     def __init__(self, *args, warmdown_ratio: float, momentum_warmup_steps: int = 0, **kwargs):
         self.warmdown_ratio, self.momentum_warmup_steps = warmdown_ratio, momentum_warmup_steps
         super().__init__(*args, **kwargs)
+        self.data_collator = RightPaddedRows(self.data_collator)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
@@ -89,6 +90,28 @@ class NanochatSFTTrainer(SFTTrainer):
         schedule.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
         schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what the next log reports
         schedule.set_momentum()  # from this run's --momentum-warmup-steps
+
+
+class RightPaddedRows:
+    """TRL's collator, plus `right_padded=True` in each batch whose attention mask only cuts padding off the ends of
+    its rows (every row of SFTTrainer's padded and `wrapped` batches): our model then attends causally without a mask
+    tensor, the fast SDPA kernel, for the same loss (see `HFNanoChatModel.forward`). The mask stays in the batch: TRL
+    counts tokens with it. Checked on the host, before the batch reaches the GPU, so it costs no synchronisation."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        mask = batch.get("attention_mask")
+        if (
+            isinstance(mask, torch.Tensor)
+            and mask.dim() == 2
+            and "position_ids" not in batch
+            and bool((mask[:, 1:] <= mask[:, :-1]).all())  # each row: ones, then zeros
+        ):
+            batch["right_padded"] = True
+        return batch
 
 
 class MetricsCallback(TrainerCallback):
