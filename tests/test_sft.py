@@ -565,6 +565,22 @@ def test_compiled_trainer_trains_like_the_eager_one(env, tmp_path, mixture):
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+def test_dataloader_workers_give_the_same_batches_and_losses(env, tmp_path):
+    """--dataloader-workers (2 by default on a GPU): batches collated in worker processes train exactly like those
+    collated on the main process."""
+    flags = ["--mixture", "sft", "--model", env["base"], "--data", env["data"], "--max-seq-len", "64",
+             "--device-batch-size", "4", "--examples-per-step", "4", "--save-every", "0", "--num-proc", "1",
+             "--max-rows", "16"]  # fmt: skip
+    losses = {}
+    for workers in (0, 2):
+        args = sft.parse_args(flags + ["--out", str(tmp_path / str(workers)), "--dataloader-workers", str(workers)])
+        trainer, _, _ = sft.build(args)
+        assert trainer.args.dataloader_num_workers == workers
+        trainer.train()
+        losses[workers] = [r["loss"] for r in metrics(args.out)]
+    assert len(losses[2]) >= 3 and losses[2] == losses[0]
+
+
 class RecordRates(TrainerCallback):
     """{step: {group name: lr}} as each optimizer step used them."""
 
