@@ -844,12 +844,11 @@ def test_metrics_report_mfu_from_real_tokens_per_second(env, tmp_path, monkeypat
     assert second["mfu"] == pytest.approx(100 * model.estimate_flops(128) * second["tok_per_sec"] / 1e12)
 
 
-def test_sft_throughput_bench_runs_the_stage_on_a_fresh_base(tmp_path):
-    """bench/sft_throughput.py: GSM8K (local layout) -> tokenizer + freshly initialised base -> train/sft.py -> medians
-    of its metrics. CPU has no MFU; the pretraining-step half is the pretrain benchmark, which has its own test."""
+def write_gsm8k(folder: Path) -> None:
+    """300 problems in GSM8K's layout (question, answer with a calculator call and `#### n`)."""
     rng = random.Random(3)
     write_jsonl(
-        tmp_path / "gsm8k" / "train.jsonl",
+        folder / "train.jsonl",
         [
             {
                 "question": f"{words(rng, 10, 30)} {i}?",
@@ -858,6 +857,12 @@ def test_sft_throughput_bench_runs_the_stage_on_a_fresh_base(tmp_path):
             for i in range(300)
         ],
     )
+
+
+def test_sft_throughput_bench_runs_the_stage_on_a_fresh_base(tmp_path):
+    """bench/sft_throughput.py: GSM8K (local layout) -> tokenizer + freshly initialised base -> train/sft.py -> medians
+    of its metrics. CPU has no MFU; the pretraining-step half is the pretrain benchmark, which has its own test."""
+    write_gsm8k(tmp_path / "gsm8k")
     cmd = [
         sys.executable,
         str(ROOT / "bench" / "sft_throughput.py"),
@@ -895,6 +900,24 @@ def test_sft_throughput_bench_runs_the_stage_on_a_fresh_base(tmp_path):
     (result,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert result["loop"] == "SFTTrainer (sft)" and result["steps"] == 32 // 8 and result["timed_steps"] == 3
     assert result["tok_per_sec"] > 0 and result["mfu_pct"] is None and result["device"] == "cpu"
+
+
+def test_sft_throughput_bench_profiles_the_trainer_steps_in_process(env, tmp_path):
+    """--profile: train/sft.py's own build, in the bench's process, with the profiler on two steps; it prints where a
+    step's time went (on a CPU: the host's part; the GPU lines need CUDA). --tokenizer: a given tokenizer, not one
+    trained on the problems."""
+    write_gsm8k(tmp_path / "gsm8k")
+    cmd = [sys.executable, str(ROOT / "bench" / "sft_throughput.py"), "--gsm8k", str(tmp_path / "gsm8k"),
+           "--stage", "midtrain", "--depth", "2", "--max-seq-len", "128", "--tokenizer", env["base"],
+           "--max-rows", "40", "--skip-steps", "1", "--no-pretrain", "--profile", "--profile-steps", "2",
+           "--total-batch-size", "256", "--", "--device-batch-size", "2", "--num-proc", "1"]  # fmt: skip
+    env_vars = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_vars)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "wall time of one step:" in r.stdout and "host self time:" in r.stdout
+    result = json.loads(next(line for line in r.stdout.splitlines() if line.startswith('{"loop"')))
+    assert result["loop"] == "SFTTrainer (midtrain)" and result["total_batch"] == 256
+    assert result["vocab"] == 512 and result["tok_per_sec"] > 0
 
 
 # -- bad input -------------------------------------------------------------------------------------------------------

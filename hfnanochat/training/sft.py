@@ -65,7 +65,8 @@ class NanochatSFTTrainer(SFTTrainer):
     def __init__(self, *args, warmdown_ratio: float, momentum_warmup_steps: int = 0, **kwargs):
         self.warmdown_ratio, self.momentum_warmup_steps = warmdown_ratio, momentum_warmup_steps
         super().__init__(*args, **kwargs)
-        self.data_collator = RightPaddedRows(self.data_collator)
+        if self.model.config.model_type == "hfnanochat":  # another model would get a keyword it does not know
+            self.data_collator = RightPaddedRows(self.data_collator)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
