@@ -213,8 +213,10 @@ last = {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, (in
 keys = [k for k in last if "loss" in k or "reward" in k]
 curve = plot_curves(run / "metrics.jsonl", report / f"{name}_curve.png", keys) if keys else None
 steps = max((int(r["step"]) for r in rows if "step" in r), default=0)  # evaluation rows carry a step too
+memory = max((r["peak_mem_gib"] for r in rows if r.get("peak_mem_gib") is not None), default=None)
+last.pop("peak_mem_gib", None)
 report_section(report, name, config={"command": " ".join(argv), "steps": steps}, metrics=last, wall_time_s=wall,
-               curves={f"{name}: {', '.join(keys)}": curve} if curve else None)
+               curves={f"{name}: {', '.join(keys)}": curve} if curve else None, peak_memory_gib=memory)
 PY
 }
 

@@ -30,7 +30,7 @@ import torch
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth
 from hfnanochat.inference.engine import Engine
-from hfnanochat.training.metrics import append_jsonl
+from hfnanochat.training.metrics import append_jsonl, peak_memory_gib
 
 CONFIGS = [("engine", "dynamic"), ("engine", "static"), ("generate", "dynamic"), ("generate", "static")]
 
@@ -73,6 +73,38 @@ def timed(run, n: int, repeats: int, sync) -> tuple[float, int]:
     return sorted(times)[len(times) // 2], made
 
 
+def profile_decode_step(run, steps: int = 32, top: int = 28) -> None:
+    """Print where a decode step's time goes: `run(n)` generates n tokens; a step is the GPU events of a generation
+    of 1 + `steps` tokens after those of one of 1 (prefill, first sample), averaged. The GPU timeline splits into
+    kernel time, short gaps (launch to launch inside a CUDA graph) and long gaps (the GPU waiting for the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def events(n):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(n)
+        return sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+
+    prefill = events(1)
+    decode = events(1 + steps)[len(prefill) :]
+    per_kernel = {}
+    for e in decode:
+        us, count = per_kernel.get(e.key, (0.0, 0))
+        per_kernel[e.key] = (us + e.time_range.elapsed_us() / steps, count + 1 / steps)
+    busy = sum(e.time_range.elapsed_us() for e in decode) / steps
+    wall = (decode[-1].time_range.end - decode[0].time_range.start) / steps
+    gaps = [b.time_range.start - a.time_range.end for a, b in zip(decode, decode[1:])]
+    short = sum(g for g in gaps if g < 5) / steps
+    print(
+        f"per decode step: {wall:.0f} us of GPU timeline = {busy:.0f} us in {len(decode) / steps:.0f} kernels and "
+        f"copies + {short:.0f} us of gaps under 5 us (launch to launch inside a graph) + "
+        f"{wall - busy - short:.0f} us of longer gaps (the GPU waiting for the host); prefill "
+        f"{sum(e.time_range.elapsed_us() for e in prefill) / 1000:.2f} ms of kernels",
+        flush=True,
+    )
+    for key, (us, count) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{us:8.1f} us/step {count:6.1f}/step {us / count:7.2f} us each  {key[:90]}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, default=20)
@@ -86,6 +118,8 @@ def main():
     p.add_argument("--configs", default=",".join(f"{i}/{c}" for i, c in CONFIGS), help="subset, e.g. engine/static")
     p.add_argument("--jsonl", default=None, help="also append the JSON lines to this file")
     p.add_argument("--tokenizer", default=None, help="chat tokenizer folder: the engine runs with stops and the tool")
+    p.add_argument("--profile", action="store_true", help="CUDA: also profile a decode step of engine/static")
+    p.add_argument("--top", type=int, default=28, help="kernels listed by --profile")
     args = p.parse_args()
     if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1:
         p.error("--new-tokens must be >= 2 (a decode step to time), --prompt-len and --repeats >= 1")
@@ -117,10 +151,10 @@ def main():
         prompts = torch.randint(0, args.vocab_size, (batch_size, args.prompt_len), generator=g)
         for impl, cache in configs:
             torch._dynamo.reset()
+            if on_cuda:  # each configuration's own peak, its warm-up included (what a GPU must hold to run it)
+                torch.cuda.reset_peak_memory_stats(device)
             run = make_runner(model, impl, cache, prompts, compile=on_cuda and cache == "static", tokenizer=tokenizer)
             run(1), run(args.new_tokens)  # warm-up, compilation
-            if on_cuda:
-                torch.cuda.reset_peak_memory_stats(device)
             (t_prefill, made_prefill), (t_total, made) = (
                 timed(run, 1, args.repeats, sync),
                 timed(run, args.new_tokens, args.repeats, sync),
@@ -132,13 +166,16 @@ def main():
                 prefill_tok_s=batch_size * args.prompt_len / t_prefill,
                 decode_tok_s=(made - made_prefill) / max(t_total - t_prefill, 1e-9),
                 total_s=t_total,
-                peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None,
+                peak_mem_gib=peak_memory_gib(device),
                 device=torch.cuda.get_device_name(device) if on_cuda else "cpu",
                 torch=torch.__version__,
             )  # fmt: skip
             print(json.dumps(result), flush=True)
             if args.jsonl:
                 append_jsonl(args.jsonl, result)
+            if args.profile and on_cuda and (impl, cache) == ("engine", "static"):
+                print(f"engine/static, batch {batch_size}:", flush=True)
+                profile_decode_step(run, top=args.top)
 
 
 if __name__ == "__main__":

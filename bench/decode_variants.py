@@ -26,6 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from decode import profile_decode_step
 from transformers import CompileConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -119,34 +120,7 @@ def main():
         flush=True,
     )
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        def kernels(n):
-            """The GPU events (kernels, copies) of one generation of n tokens, in time order."""
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                run(n)
-            events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-            return sorted(events, key=lambda e: e.time_range.start)
-
-        # a decode step's events: a generation of 33 tokens after the events of one of 1 (the prefill, first sample)
-        prefill = kernels(1)
-        steps = kernels(33)[len(prefill) :]
-        per_kernel = {}
-        for e in steps:
-            us, count = per_kernel.get(e.key, (0.0, 0))
-            per_kernel[e.key] = (us + e.time_range.elapsed_us() / 32, count + 1 / 32)
-        busy = sum(e.time_range.elapsed_us() for e in steps) / 32
-        wall = (steps[-1].time_range.end - steps[0].time_range.start) / 32
-        gaps = [b.time_range.start - a.time_range.end for a, b in zip(steps, steps[1:])]
-        short = sum(g for g in gaps if g < 5) / 32
-        print(
-            f"per decode step: {wall:.0f} us of GPU timeline = {busy:.0f} us in {len(steps) / 32:.0f} kernels and "
-            f"copies + {short:.0f} us of gaps under 5 us (launch to launch inside a graph) + "
-            f"{wall - busy - short:.0f} us of longer gaps (the GPU waiting for the host); prefill "
-            f"{sum(e.time_range.elapsed_us() for e in prefill) / 1000:.2f} ms of kernels"
-        )
-        for key, (us, count) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]:
-            print(f"{us:8.1f} us/step {count:6.1f}/step {us / count:7.2f} us each  {key[:90]}")
+        profile_decode_step(run, top=args.top)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from hfnanochat import HFNanoChatForCausalLM, config_for_depth
-from hfnanochat.training.metrics import append_jsonl, peak_flops
+from hfnanochat.training.metrics import append_jsonl, peak_flops, peak_memory_gib
 from hfnanochat.training.optim import apply_schedule, build_optimizer
 
 
@@ -125,7 +125,7 @@ def run(args):
         tok_per_sec=tok_per_sec,
         mfu_pct=100 * flops_per_token * tok_per_sec / (peak * world) if peak else None,
         optimizer_share_pct=100 * sorted(optim_times)[len(optim_times) // 2] / dt,
-        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        peak_mem_gib=peak_memory_gib(device),
         torch=torch.__version__,
     )
     accelerator.print(json.dumps(result))

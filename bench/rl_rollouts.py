@@ -61,7 +61,7 @@ def main():
     from hfnanochat import HFNanoChatForCausalLM, config_for_depth
     from hfnanochat.tasks.gsm8k import gsm8k_prompts
     from hfnanochat.training.export import set_generation_defaults
-    from hfnanochat.training.metrics import append_jsonl
+    from hfnanochat.training.metrics import append_jsonl, peak_memory_gib
     from hfnanochat.training.rl import EngineRollout, prompt_ids
 
     device = torch.device(args.device)
@@ -136,6 +136,8 @@ def main():
         if impl not in runners:
             p.error(f"unknown --impls {impl}; choose among {sorted(runners)}")
         run = runners[impl]
+        if on_cuda:  # each path's own peak, its warm-up included (what a GPU must hold to run it)
+            torch.cuda.reset_peak_memory_stats(device)
         run(0)  # warm-up: compilation, the static cache
         times, made = [], 0
         for r in range(args.repeats):
@@ -151,7 +153,8 @@ def main():
             prompts_per_call=args.prompts_per_call if impl == "engine" else None, precision=args.precision,
             model=args.model or f"random d{args.depth}", params=sum(p.numel() for p in model.parameters()),
             seconds=seconds, rollouts_per_sec=rollouts / seconds, tokens=made, tok_per_sec=made / seconds,
-            device=torch.cuda.get_device_name(device) if on_cuda else "cpu", torch=torch.__version__,
+            peak_mem_gib=peak_memory_gib(device), device=torch.cuda.get_device_name(device) if on_cuda else "cpu",
+            torch=torch.__version__,
         )  # fmt: skip
         print(json.dumps(result), flush=True)
         if args.jsonl:

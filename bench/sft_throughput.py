@@ -42,12 +42,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_base(conversations, out: Path, depth, max_seq_len, vocab_size, tokenizer_dir, one_per_row: bool) -> int:
     """A freshly initialised base model + chat tokenizer in `out`, as pretraining leaves them. Returns the vocab."""
-    if tokenizer_dir:
+    if tokenizer_dir:  # the head may be wider than the tokenizer: memory and speed at nanochat's 65,536
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if vocab_size is not None and vocab_size < len(tokenizer):
+            raise SystemExit(f"--vocab-size {vocab_size}: smaller than --tokenizer's {len(tokenizer)} tokens")
+        vocab_size = vocab_size or len(tokenizer)
     else:
         texts = [m["content"] for conv in conversations for m in conv["messages"] if isinstance(m["content"], str)]
-        tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
-    config = config_for_depth(depth, vocab_size=len(tokenizer), max_seq_len=max_seq_len)
+        tokenizer = train_tokenizer(texts, vocab_size=vocab_size or 8192)
+        vocab_size = len(tokenizer)
+    config = config_for_depth(depth, vocab_size=vocab_size, max_seq_len=max_seq_len)
     model = HFNanoChatForCausalLM.from_config_on_device(config, "cpu")
     save_final(model, tokenizer, out)
     if one_per_row:  # mid-training's packed rows cut conversations anywhere
@@ -57,7 +61,7 @@ def build_base(conversations, out: Path, depth, max_seq_len, vocab_size, tokeniz
         )
         if longest > max_seq_len:
             raise ValueError(f"a conversation has {longest} tokens, more than --max-seq-len {max_seq_len}")
-    return len(tokenizer)
+    return vocab_size
 
 
 def run(cmd: list[str]) -> str:
@@ -122,7 +126,8 @@ def main():
     p.add_argument("--stage", choices=["sft", "midtrain"], default="sft")
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--vocab-size", type=int, default=8192, help="of the tokenizer trained on the conversations")
+    vocab_help = "of the tokenizer trained on the conversations (default 8192); with --tokenizer, the head's rows"
+    p.add_argument("--vocab-size", type=int, default=None, help=vocab_help)
     p.add_argument("--tokenizer", default=None, help="a chat tokenizer folder to use instead of training one")
     p.add_argument("--total-batch-size", type=int, default=65536, help="tokens per optimizer step, both loops")
     p.add_argument("--max-rows", type=int, default=2000, help="conversations to train on")
@@ -173,6 +178,7 @@ def main():
             tok_per_sec=statistics.median(s["tok_per_sec"] for s in timed),
             mfu_pct=statistics.median(s["mfu"] for s in timed) if "mfu" in timed[0] else None,
             first_loss=steps[0]["loss"], last_loss=steps[-1]["loss"],
+            peak_mem_gib=max((s["peak_mem_gib"] for s in steps if s.get("peak_mem_gib") is not None), default=None),
         ), args.jsonl)  # fmt: skip
 
         if not args.no_pretrain:
@@ -195,6 +201,7 @@ def main():
                     total_batch=args.total_batch_size,
                     tok_per_sec=step["tok_per_sec"],
                     mfu_pct=step["mfu_pct"],
+                    peak_mem_gib=step["peak_mem_gib"],
                 ),
                 args.jsonl,
             )

@@ -7,9 +7,10 @@ rollouts, decode; then each figure against its goal.
 
 Each bench runs in a process of its own, one after the other, with its own time limit: one that fails or runs out of
 time is reported and the others still run. Every JSON line of every bench goes to --jsonl (default
-bench-speed.jsonl); the run ends with a table of the figures, their goals and the command of each bench, and exits
-non-zero if a bench failed. Correctness rides along: the SFT bench reports the loss of the compiled trainer, and the
-decode bench's engine and `generate` run the same prompts (their token counts are in the JSON lines).
+bench-speed.jsonl); the run ends with a table of the figures and their goals, then each measurement's peak GPU
+memory, and exits non-zero if a bench failed. --profile: the pretraining, SFT and decode benches also profile their
+steps and print where the time went. Correctness rides along: the SFT bench reports the loss of the compiled trainer,
+and the decode bench's engine and `generate` run the same prompts (their token counts are in the JSON lines).
 """
 
 import argparse
@@ -52,17 +53,18 @@ def benches(args, tok: str, gsm8k: str) -> list[tuple[str, list[str], int]]:
                         "--new-tokens", "8", "--repeats", "1", "--tokenizer", tok, "--configs",
                         "engine/static,generate/static", "--device", args.device], 300),
         ]  # fmt: skip
+    profiled = ["--profile"] if args.profile else []
     return [
         # the d20 preset's step: the issue's comparison with nanochat is at these settings
         ("pretraining", [py, "bench/pretrain_throughput.py", "--depth", "20", "--loss-chunk-size", "8192",
-                         "--activation-memory-budget", "0.9", "--steps", "3", "--warmup", "2"], 180),
+                         "--activation-memory-budget", "0.9", "--steps", "3", "--warmup", "2", *profiled], 180),
         # mid-training through SFTTrainer (compiled) and our pretraining step, both d12 on packed 2048-token rows
         ("sft", [py, "bench/sft_throughput.py", "--gsm8k", gsm8k, "--stage", "midtrain", "--max-rows", "7473",
-                 "--tokenizer", tok, "--total-batch-size", "65536"], 240),
+                 "--tokenizer", tok, "--total-batch-size", "65536", *profiled], 240),
         ("rollouts", [py, "bench/rl_rollouts.py", "--depth", "20", "--tokenizer", tok, "--data",
                       f"{gsm8k}/train.jsonl", "--repeats", "2"], 120),
         ("decode", [py, "bench/decode.py", "--tokenizer", tok, "--repeats", "3", "--configs",
-                    "engine/static,generate/static"], 150),
+                    "engine/static,generate/static", *profiled], 150),
     ]  # fmt: skip
 
 
@@ -85,8 +87,9 @@ def run_quiet(cmd: list[str]) -> None:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
 
-def run_bench(name: str, cmd: list[str], limit: int, jsonl: Path) -> tuple[list[dict], str | None]:
-    """The bench's JSON lines (tagged with its name, appended to `jsonl`) and why it failed, if it did."""
+def run_bench(name: str, cmd: list[str], limit: int, jsonl: Path, show: bool) -> tuple[list[dict], str | None]:
+    """The bench's JSON lines (tagged with its name, appended to `jsonl`) and why it failed, if it did. `show`: also
+    print what else it wrote to stdout (its profile)."""
     print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.monotonic()
     try:
@@ -102,6 +105,8 @@ def run_bench(name: str, cmd: list[str], limit: int, jsonl: Path) -> tuple[list[
             row = {"bench": name, **json.loads(line)}
             lines.append(row)
             append_jsonl(jsonl, row)
+    if show and not failure:
+        print("\n".join(f"   {line}" for line in result.stdout.splitlines() if not line.startswith("{")), flush=True)
     if failure:
         print(f"   FAILED ({failure}):\n" + "\n".join(output.splitlines()[-15:]), flush=True)
     print(f"   {len(lines)} figure(s) in {time.monotonic() - t0:.0f} s", flush=True)
@@ -123,7 +128,20 @@ def summary(rows: list[dict]) -> list[str]:
         share = 100 * sft / own
         table.append(f"| SFTTrainer tok/s as a share of our loop's, d12 | {share:.1f}% | ≥ 90% | "
                      f"{'yes' if share >= 90 else 'no'} |")  # fmt: skip
-    return table
+    return table + memory_table(rows)
+
+
+def memory_table(rows: list[dict]) -> list[str]:
+    """Each measurement's peak GPU memory (warm-up included), named by its bench and what sets it apart."""
+    table = []
+    for r in rows:
+        if r.get("peak_mem_gib") is None:
+            continue
+        parts = [r["bench"]] + [str(r[k]) for k in ("loop", "impl", "cache") if r.get(k)]
+        parts += [f"batch {r['batch']}"] if r.get("batch") else []
+        parts += [f"d{r['depth']}"] if isinstance(r.get("depth"), int) else []
+        table.append(f"| {', '.join(parts)} | {r['peak_mem_gib']:.1f} |")
+    return ["", "| peak GPU memory of | GiB |", "|---|---|", *table] if table else []
 
 
 def main(argv=None) -> int:
@@ -134,6 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="every bench at a tiny size (CPU)")
     p.add_argument("--device", default="cuda", help="--smoke: the device of the decode and rollout benches")
     p.add_argument("--jsonl", default="bench-speed.jsonl")
+    p.add_argument("--profile", action="store_true", help="GPU: pretraining, SFT and decode also print their profiles")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(BENCHES)
     unknown = [name for name in names if name not in BENCHES]
@@ -147,7 +166,7 @@ def main(argv=None) -> int:
         todo = [bench for bench in benches(args, tok, gsm8k) if bench[0] in names]
         rows, failed = [], []
         for name, cmd, limit in todo:
-            lines, failure = run_bench(name, cmd, limit, Path(args.jsonl))
+            lines, failure = run_bench(name, cmd, limit, Path(args.jsonl), show=args.profile)
             rows += lines
             if failure:
                 failed.append(f"{name} ({failure})")

@@ -162,6 +162,7 @@ if main:
         Path(args.out).write_text(json.dumps(record, indent=1))
     if args.report_dir:
         from hfnanochat.report import report_section
+        from hfnanochat.training.metrics import peak_memory_gib
 
         metrics = {name: r["accuracy"] for name, r in results.items()}
         if core is not None:
@@ -173,6 +174,7 @@ if main:
             metrics=metrics,
             column=args.column,
             wall_time_s=wall,
+            peak_memory_gib=peak_memory_gib(accelerator.device),
         )
 accelerator.wait_for_everyone()
 if skipped:

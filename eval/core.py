@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hfnanochat  # noqa: F401  (registers our model with the Auto classes)
 from hfnanochat.evaluation.core import BundleError, download_bundle, evaluate_core
 from hfnanochat.report import report_section, write_report
+from hfnanochat.training.metrics import peak_memory_gib
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -91,8 +92,9 @@ def main(argv=None):
             config = dict(model=str(args.model), max_per_task=args.max_per_task, skipped=results["skipped"] or "none")
             config["processes"] = accelerator.num_processes
             report_section(
-                args.report_dir, "core", config=config, metrics=metrics, column="BASE", wall_time_s=time.time() - t0
-            )
+                args.report_dir, "core", config=config, metrics=metrics, column="BASE", wall_time_s=time.time() - t0,
+                peak_memory_gib=peak_memory_gib(accelerator.device),
+            )  # fmt: skip
             write_report(args.report_dir)
     accelerator.end_training()
     return results

@@ -5,12 +5,12 @@
 
 Notable:
 - Each stage calls `report_section(report_dir, name, ...)` once, on the main process: it writes `<name>.json`
-  atomically (config, metrics, wall time, tokens, curve PNGs, and the machine it ran on). Stages never edit a
-  shared file, so they can run from different scripts, processes or machines.
+  atomically (config, metrics, wall time, tokens, peak GPU memory, curve PNGs, and the machine it ran on). Stages
+  never edit a shared file, so they can run from different scripts, processes or machines.
 - `write_report` renders them: a header (GPUs, CPU, library versions, git commit), the sections in pipeline order
   (tokenizer, pretrain, core, mid, sft, rl, each stage's evaluations after it; unknown names after, oldest first),
-  then nanochat's summary table (CORE ... ChatCORE x BASE/MID/SFT/RL, '-' where nothing was measured), the total
-  wall time and the estimated cost.
+  then nanochat's summary table (CORE ... ChatCORE x BASE/MID/SFT/RL, '-' where nothing was measured), each
+  stage's peak GPU memory (what the smallest GPU for the run must hold), the total wall time and the estimated cost.
 - Time and cost: where speedrun.sh left `stage_times.jsonl` (each stage's process timed from start to end, the
   GPUs of the node it held), the total is its stages' sum, listed stage by stage; otherwise the sum of the sections'
   own timers (which leave out process start-up, model loading and data preparation). Cost = GPU-hours x a rate: $3
@@ -94,10 +94,12 @@ def report_section(
     wall_time_s: float | None = None,
     tokens: int | None = None,
     curves: dict[str, str] | None = None,
+    peak_memory_gib: float | None = None,
 ) -> Path:
     """Write `report_dir/<name>.json` (atomically; a second call replaces it). `column` (one of SUMMARY_COLUMNS) puts
     the `metrics` named in SUMMARY_ROWS into that column of the summary table. `curves`: {title: PNG path}, kept
-    relative to `report_dir` so that the report folder can move."""
+    relative to `report_dir` so that the report folder can move. `peak_memory_gib`: the stage's peak GPU memory (its
+    main process's, `training.metrics.peak_memory_gib`)."""
     if column is not None and column not in SUMMARY_COLUMNS:
         raise ValueError(f"column {column!r}: one of {', '.join(SUMMARY_COLUMNS)}")
     if not name or "/" in name or name.startswith(".") or name == "report":
@@ -117,6 +119,7 @@ def report_section(
         column=column,
         wall_time_s=wall_time_s,
         tokens=tokens,
+        peak_memory_gib=peak_memory_gib,
         config=config or {},
         metrics=metrics or {},
         curves=rel_curves,
@@ -242,6 +245,8 @@ def write_report(report_dir, *, gpu_hour_usd: float | None = None) -> Path:
             gpu_hours += section["wall_time_s"] / 3600 * section.get("system", {}).get("gpus_used", 0)
         if section.get("tokens") is not None:
             lines.append(f"- tokens: {section['tokens']:,}")
+        if section.get("peak_memory_gib") is not None:
+            lines.append(f"- peak GPU memory: {section['peak_memory_gib']:.1f} GiB")
         if section.get("config"):
             lines += ["", "Config:", ""] + [f"- {k}: {_fmt(v)}" for k, v in section["config"].items()]
         if section.get("metrics"):
@@ -259,6 +264,10 @@ def write_report(report_dir, *, gpu_hour_usd: float | None = None) -> Path:
     for row in SUMMARY_ROWS:
         cells = ["-" if table[row][c] is None else _fmt(table[row][c]) for c in SUMMARY_COLUMNS]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    memory = [(s["name"], s["peak_memory_gib"]) for s in sections if s.get("peak_memory_gib") is not None]
+    if memory:  # what the smallest GPU for this run must hold
+        lines += ["", "| Stage | Peak GPU memory |", "|---|---|"]
+        lines += [f"| {name} | {gib:.1f} GiB |" for name, gib in memory]
     stage_times = load_stage_times(report_dir)
     if stage_times:
         total_s = sum(t["seconds"] for t in stage_times.values())

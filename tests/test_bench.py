@@ -1,6 +1,7 @@
 """bench/speed.py, the one command behind the benchmarks page's speed tables, at its tiny CPU size: every bench runs,
 its figures land in the JSON lines, and the closing table holds each goal's figure."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +26,32 @@ def test_speed_suite_runs_every_bench_and_tables_the_goals(tmp_path):
                      and row["impl"] == "engine")  # fmt: skip
     assert f"| decode tok/s, batch 1 | {engine_b1:,.1f} | ≥ 2,400 | no |" in table  # a CPU is far from the goal
     assert "| pretraining d20 MFU, % | — | ≥ 60.0 | — |" in table  # no MFU without a GPU's peak
+    # every measurement says its peak GPU memory: none on a CPU, so no memory table
+    assert all("peak_mem_gib" in row and row["peak_mem_gib"] is None for row in rows)
+    assert "| peak GPU memory of | GiB |" not in r.stdout
+
+
+def test_speed_summary_lists_each_measurements_peak_memory():
+    spec = importlib.util.spec_from_file_location("speed", REPO / "bench" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    rows = [  # as the GPU benches write them
+        {"bench": "pretraining", "depth": 20, "mfu_pct": 51.6, "peak_mem_gib": 49.06},
+        {"bench": "sft", "loop": "SFTTrainer (midtrain)", "depth": 12, "tok_per_sec": 5.0e5, "peak_mem_gib": 20.4},
+        {"bench": "sft", "loop": "pretraining step", "depth": 12, "tok_per_sec": 6.0e5, "peak_mem_gib": 18.0},
+        {"bench": "decode", "impl": "engine", "cache": "static", "batch": 32, "depth": 20, "decode_tok_s": 1.7e4,
+         "peak_mem_gib": 6.25},
+        {"bench": "decode", "impl": "generate", "cache": "static", "batch": 32, "depth": 20, "decode_tok_s": 9.5e3},
+    ]  # fmt: skip
+    table = speed.summary(rows)
+    assert "| SFTTrainer tok/s as a share of our loop's, d12 | 83.3% | ≥ 90% | no |" in table
+    memory = table[table.index("| peak GPU memory of | GiB |") + 2 :]
+    assert memory == [
+        "| pretraining, d20 | 49.1 |",
+        "| sft, SFTTrainer (midtrain), d12 | 20.4 |",
+        "| sft, pretraining step, d12 | 18.0 |",
+        "| decode, engine, static, batch 32, d20 | 6.2 |",
+    ]
 
 
 def test_speed_suite_rejects_an_unknown_bench():

@@ -46,7 +46,10 @@ def pipeline(tmp_path_factory):
     pretrain.main(["--data", str(corpus), "--tokenizer", str(root / "tok"), "--out", str(root / "pretrain"), *flags,
                    "--num-iterations", "6", "--eval-every", "3", "--save-every", "0"])  # fmt: skip
     for stage, column in (("mid", "MID"), ("sft", "SFT")):
-        report.report_section(reports, stage, config={"source": "base"}, wall_time_s=30.0, tokens=1000)
+        memory = {"mid": 21.37, "sft": 9.0}[stage]  # as a GPU run's stage passes it
+        report.report_section(
+            reports, stage, config={"source": "base"}, wall_time_s=30.0, tokens=1000, peak_memory_gib=memory
+        )
         metrics = CHAT[stage] | {"ChatCORE": 0.08}
         report.report_section(reports, f"chat-eval-{stage}", metrics=metrics, column=column, wall_time_s=12.0)
     report.report_section(reports, "rl", config={"samples": 16}, wall_time_s=60.0)
@@ -80,7 +83,8 @@ def test_summary_table_rows_columns_and_empty_cells(pipeline):
     _, reports = pipeline
     text = (reports / "report.md").read_text()
     rows = {}
-    for line in text[text.index("## Summary") :].splitlines():
+    summary = text[text.index("## Summary") :].split("\n\n")[1]  # the table, up to the blank line after it
+    for line in summary.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if line.startswith("| ") and cells[0] != "Metric":
             rows[cells[0]] = cells[1:]
@@ -141,6 +145,18 @@ def test_speedrun_stage_times_give_the_total_and_the_cost(pipeline, tmp_path):
     assert "chat_eval_sft |" not in text
     assert "Total wall time: 1h00m00s" in text
     assert "Estimated cost: 8.00 GPU-hours x $3.00/GPU-hour = $24.00" in text
+
+
+def test_peak_gpu_memory_per_stage(pipeline):
+    """A stage that ran on a GPU says its peak memory, in its section and in the table of stages; a CPU stage (the
+    real pretraining run here) has none, and no line for it."""
+    _, reports = pipeline
+    text = (reports / "report.md").read_text()
+    assert json.loads((reports / "pretrain.json").read_text())["peak_memory_gib"] is None
+    mid = text[text.index("\n## mid\n") : text.index("\n## chat-eval-mid")]
+    assert "- peak GPU memory: 21.4 GiB" in mid
+    assert "| Stage | Peak GPU memory |\n|---|---|\n| mid | 21.4 GiB |\n| sft | 9.0 GiB |\n" in text
+    assert text.count("peak GPU memory:") == 2
 
 
 def test_regenerating_gives_the_same_report_and_leaves_no_temporary_files(pipeline):

@@ -67,7 +67,7 @@ from hfnanochat.training.checkpoint import (
 )
 from hfnanochat.training.data import DEFAULT_DATA, DEFAULT_DATA_CONFIG, BOSBestFitLoader, DocumentStream, evaluate_bpb
 from hfnanochat.training.export import save_final
-from hfnanochat.training.metrics import append_jsonl, peak_flops, truncate_metrics
+from hfnanochat.training.metrics import append_jsonl, peak_flops, peak_memory_gib, truncate_metrics
 from hfnanochat.training.optim import apply_schedule, build_optimizer
 
 # fmt: off
@@ -535,6 +535,7 @@ def main(argv=None):
             mfu=mfu,
             val_bpb=val_bpb,
             total_time=total_time,
+            peak_mem_gib=peak_memory_gib(device),
         )
         if accelerator.is_main_process:
             append_jsonl(metrics_file, record)
@@ -555,7 +556,11 @@ def main(argv=None):
     state_dict = full_state_dict()
     if accelerator.is_main_process:
         save_final(raw_model, tokenizer, final_dir, state_dict=state_dict)
-        accelerator.print(f"saved {final_dir} | validation bpb {val_bpb:.4f} | training time {total_time / 60:.1f} min")
+        memory = peak_memory_gib(device)
+        accelerator.print(
+            f"saved {final_dir} | validation bpb {val_bpb:.4f} | training time {total_time / 60:.1f} min"
+            + (f" | peak memory {memory:.1f} GiB" if memory is not None else "")
+        )
     accelerator.wait_for_everyone()
     report_dir = out.parent / "report" if args.report_dir is None else args.report_dir
     if report_dir and accelerator.is_main_process:
@@ -566,10 +571,13 @@ def main(argv=None):
             report_dir, "pretrain", config=config, metrics=dict(val_bpb=val_bpb, training_time_s=total_time),
             wall_time_s=time.time() - started, tokens=steps * args.total_batch_size,
             curves={"training loss and validation bpb": curve} if curve else None,
+            peak_memory_gib=peak_memory_gib(device),
         )  # fmt: skip
     if args.core:
         # every rank evaluates a share of the examples; under FSDP each loads the full final model for it
         core_model = HFNanoChatForCausalLM.from_pretrained(final_dir).to(device) if fsdp else raw_model
+        if device.type == "cuda":  # the CORE section's peak is the evaluation's, on top of what training still holds
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.time()
         try:
             bundle = Path(args.core_bundle) if args.core_bundle else download_bundle()
@@ -584,8 +592,9 @@ def main(argv=None):
                     model=str(final_dir), max_per_task=args.core_max_per_task, skipped=core["skipped"] or "none"
                 )
                 report_section(
-                    report_dir, "core", config=config, metrics=metrics, column="BASE", wall_time_s=time.time() - t0
-                )
+                    report_dir, "core", config=config, metrics=metrics, column="BASE", wall_time_s=time.time() - t0,
+                    peak_memory_gib=peak_memory_gib(device),
+                )  # fmt: skip
     if report_dir and accelerator.is_main_process:
         write_report(report_dir)
     accelerator.end_training()

@@ -1,5 +1,5 @@
 """What the training logs need: the GPUs' peak FLOP/s for MFU (achieved training FLOP/s over the dense bf16 peak,
-nanochat's table) and the `metrics.jsonl` bookkeeping shared by every stage."""
+nanochat's table), the process's peak GPU memory, and the `metrics.jsonl` bookkeeping shared by every stage."""
 
 import json
 from pathlib import Path
@@ -16,6 +16,16 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gib(device: torch.device | str | None = None) -> float | None:
+    """The most GPU memory this process's tensors have held on `device` (the current one by default), in GiB, since the
+    process started or `torch.cuda.reset_peak_memory_stats`; None off CUDA. The allocator's own bookkeeping: no sync."""
+    if device is not None and torch.device(device).type != "cuda":
+        return None
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

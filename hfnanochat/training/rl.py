@@ -43,7 +43,7 @@ from trl.trainer import grpo_trainer
 from ..inference.engine import Engine
 from ..inference.sandbox import calculator_with_errors
 from ..tasks.gsm8k import gsm8k_reward
-from .metrics import append_jsonl
+from .metrics import append_jsonl, peak_memory_gib
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -262,6 +262,7 @@ class RolloutLog(TrainerCallback):
             tok_per_sec=(stats.get("sampled_tokens", 0) + stats.get("forced_tokens", 0)) / seconds * self.num_processes,
             tool_calls=stats.get("tool_calls"),
             truncated=stats.get("truncated"),
+            peak_mem_gib=peak_memory_gib(args.device),
         )
         self.last = record
         if state.is_world_process_zero:

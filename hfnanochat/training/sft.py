@@ -30,7 +30,7 @@ from trl import SFTTrainer
 
 from ..tokenizer import get_special_token_ids
 from .export import check_model_folder, save_final
-from .metrics import append_jsonl, peak_flops, truncate_metrics
+from .metrics import append_jsonl, peak_flops, peak_memory_gib, truncate_metrics
 from .optim import lr_multiplier, muon_momentum
 
 # every matrix of the decoder layers; TRL rejects an adapter on lm_head (its fused head reads lm_head.weight directly)
@@ -160,6 +160,7 @@ class MetricsCallback(TrainerCallback):
             dt=dt,
             tok_per_sec=(tokens - self.tokens0) / dt if None not in (tokens, self.tokens0) else None,
             epoch=logs.get("epoch"),
+            peak_mem_gib=peak_memory_gib(args.device),
         )
         if self.flops_per_token and record["tok_per_sec"]:
             record["mfu"] = 100 * self.flops_per_token * record["tok_per_sec"] / self.peak
