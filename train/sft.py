@@ -81,6 +81,7 @@ from hfnanochat.training.sft import (
     SOURCES,
     MetricsCallback,
     NanochatSFTTrainer,
+    compile_backbone,
     head,
     load_model,
     load_parts,
@@ -413,7 +414,6 @@ def run_options(args, out: Path) -> dict:
         max_grad_norm=0.0,  # nanochat clips only in pretraining
         # TRL turns recomputation on by default; nanochat never recomputes (transformers renamed the field in 5.x)
         **{RECOMPUTE_FIELD: args.gradient_checkpointing},
-        torch_compile=compile_by_default(args) if args.compile is None else args.compile,
         bf16=torch.cuda.is_available(),  # autocast over fp32 weights, as pretraining
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (else a warning per run)
         logging_steps=1,
@@ -481,6 +481,8 @@ def build(args):
         momentum_warmup_steps=args.momentum_warmup_steps,
         **trainer_kwargs,
     )
+    if compile_by_default(args) if args.compile is None else args.compile:
+        compile_backbone(trainer.model)
     return trainer, data, metrics
 
 
