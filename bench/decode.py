@@ -73,6 +73,23 @@ def timed(run, n: int, repeats: int, sync) -> tuple[float, int]:
     return sorted(times)[len(times) // 2], made
 
 
+def timeline(intervals: list[tuple[float, float]], short_gap: float = 5.0) -> tuple[float, float, float, float]:
+    """(span, busy, short gaps, long gaps) of GPU events given as (start, end) in time order. Kernels launched with
+    programmatic dependent launch start before the one ahead of them ends, so busy time is the union of the intervals,
+    not the sum of their lengths; a gap under `short_gap` is launch to launch, a longer one waits for the host."""
+    busy = short = long = 0.0
+    end = intervals[0][0]
+    for start, stop in intervals:
+        gap = start - end
+        if gap >= short_gap:
+            long += gap
+        elif gap > 0:
+            short += gap
+        busy += max(stop - max(start, end), 0.0)
+        end = max(end, stop)
+    return end - intervals[0][0], busy, short, long
+
+
 def profile_decode_step(run, steps: int = 32, top: int = 28) -> None:
     """Print where a decode step's time goes: `run(n)` generates n tokens; a step is the GPU events of a generation
     of 1 + `steps` tokens after those of one of 1 (prefill, first sample), averaged. The GPU timeline splits into
@@ -90,14 +107,11 @@ def profile_decode_step(run, steps: int = 32, top: int = 28) -> None:
     for e in decode:
         us, count = per_kernel.get(e.key, (0.0, 0))
         per_kernel[e.key] = (us + e.time_range.elapsed_us() / steps, count + 1 / steps)
-    busy = sum(e.time_range.elapsed_us() for e in decode) / steps
-    wall = (decode[-1].time_range.end - decode[0].time_range.start) / steps
-    gaps = [b.time_range.start - a.time_range.end for a, b in zip(decode, decode[1:])]
-    short = sum(g for g in gaps if g < 5) / steps
+    wall, busy, short, long = timeline([(e.time_range.start, e.time_range.end) for e in decode])
     print(
-        f"per decode step: {wall:.0f} us of GPU timeline = {busy:.0f} us in {len(decode) / steps:.0f} kernels and "
-        f"copies + {short:.0f} us of gaps under 5 us (launch to launch inside a graph) + "
-        f"{wall - busy - short:.0f} us of longer gaps (the GPU waiting for the host); prefill "
+        f"per decode step: {wall / steps:.0f} us of GPU timeline = {busy / steps:.0f} us with kernels or copies "
+        f"running ({len(decode) / steps:.0f} of them) + {short / steps:.0f} us of gaps under 5 us (launch to "
+        f"launch inside a graph) + {long / steps:.0f} us of longer gaps (the GPU waiting for the host); prefill "
         f"{sum(e.time_range.elapsed_us() for e in prefill) / 1000:.2f} ms of kernels",
         flush=True,
     )

@@ -54,6 +54,18 @@ def test_speed_summary_lists_each_measurements_peak_memory():
     ]
 
 
+def test_decode_profile_counts_overlapping_kernels_once():
+    """bench/decode.py --profile's timeline: kernels launched early (programmatic dependent launch) overlap the one
+    before; their overlap is busy time once, and gaps split into launch gaps and waits for the host."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from decode import timeline
+
+    # 0-10 and 6-14 overlap (14 busy), a 2 us launch gap, 16-20, a 30 us wait, 50-51, then one inside 50-51's span
+    span, busy, short, long = timeline([(0, 10), (6, 14), (16, 20), (50, 51), (50.5, 50.8)])
+    assert (span, busy, short, long) == (51, 19, 2, 30)
+    assert span == busy + short + long
+
+
 def test_speed_suite_rejects_an_unknown_bench():
     cmd = [sys.executable, str(REPO / "bench" / "speed.py"), "--smoke", "--only", "decode,training"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
