@@ -153,10 +153,19 @@ def print_gpu_time(train_step, step: int, accelerator) -> None:
     print_kernel_time(prof, 1, accelerator.print)
 
 
+ANNOTATIONS = ("Optimizer.step#", "Optimizer.zero_grad#", "ProfilerStep#")
+
+
 def print_kernel_time(prof, steps: int, print_fn=print, top: int = 30) -> float:
     """Print the GPU time per step of a finished torch profile, by kind of kernel, then its top kernels; return the
     GPU seconds per step."""
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    # record_function ranges (torch.optim's "Optimizer.step#...", the Trainer's) also appear on the GPU timeline as
+    # annotations spanning kernels that are counted already
+    events = [
+        e
+        for e in prof.key_averages()
+        if e.device_type.name == "CUDA" and e.self_device_time_total > 0 and not e.key.startswith(ANNOTATIONS)
+    ]
     total = sum(e.self_device_time_total for e in events)
     by_kind: dict[str, float] = {}
     for e in events:
