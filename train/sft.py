@@ -389,13 +389,13 @@ def optimizer_options(args, lr_scale: float) -> tuple[dict, dict]:
 
 
 def compile_by_default(args) -> bool:
-    """Mid-training on a GPU runs the model compiled, as pretraining does (Accelerate wraps it when the trainer
-    prepares it): its packed rows all have one shape, so it compiles once (about a minute) and then skips the memory
-    round trips of the eager norms, rotary embeddings and activations. Eager otherwise: SFT's rows are padded to each
-    batch's longest conversation, so dynamo compiles for the first length, then again for any length (on one H100 at
-    depth 8: 103 s and 45 s, three times what the other 498 steps took; whether the dynamic graph repays that over
-    a long SFT run is not measured); and under FSDP, as in pretraining (a compiled FSDP2 model met sharded
-    weights there)."""
+    """Mid-training on a GPU runs the decoder stack compiled, as pretraining does (`compile_backbone`; TRL's fused head
+    stays eager beside it): its packed rows all have one shape, so it compiles once (about a minute) and then skips
+    the memory round trips of the eager norms, rotary embeddings and activations. Eager otherwise: SFT's rows are
+    padded to each batch's longest conversation, so dynamo compiles for the first length, then again for any length
+    (on one H100 at depth 8: 103 s and 45 s, three times what the other 498 steps took; whether the dynamic graph
+    repays that over a long SFT run is not measured); and under FSDP, as in pretraining (a compiled FSDP2 model met
+    sharded weights there)."""
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")  # set by `accelerate launch`
     return torch.cuda.is_available() and args.mixture == "mid" and not fsdp
 
