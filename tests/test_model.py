@@ -1,5 +1,8 @@
 """The model as a transformers citizen: shapes, loss, init, generation/cache/padding, save/load, fidelity."""
 
+import threading
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +10,8 @@ from nanochat_reference import nanochat_forward, random_nanochat_state_dict
 from transformers import AutoModelForCausalLM
 
 from hfnanochat import HFNanoChatConfig, HFNanoChatForCausalLM, config_for_depth
-from hfnanochat.inference.fast_decode import fast_decode
+from hfnanochat.inference.engine import Engine
+from hfnanochat.inference.fast_decode import FusedQKVAttention, fast_decode
 from hfnanochat.modeling_hfnanochat import HFNanoChatAttention
 
 
@@ -438,6 +442,48 @@ def test_fast_decode_fused_qkv_equals_separate_projections_and_never_goes_stale(
         model(input_ids=ids, labels=ids).loss.backward()
     assert all(model.model.layers[0].self_attn.get_submodule(n).weight.grad is not None
                for n in ("q_proj", "k_proj", "v_proj"))  # fmt: skip
+
+
+def test_fast_decode_contexts_on_one_model_may_overlap_and_the_last_out_restores():
+    """Two engines on one model, or a Space's engine threads, hold fast_decode at overlapping times: the first in swaps
+    the classes, the last out restores them. (Each context restoring what it found would let the second one out put
+    the first one's fast classes back for good, with a q/k/v stack that goes stale at the next weight update.)"""
+    model = random_model(tiny_config())
+    attn = model.model.layers[0].self_attn
+    first, second = fast_decode(model), fast_decode(model)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert isinstance(attn, FusedQKVAttention)  # the second still decodes fast
+    second.__exit__(None, None, None)
+    assert type(attn) is HFNanoChatAttention
+
+    inside, seen = threading.Barrier(4), []
+
+    def hold(delay):
+        with fast_decode(model):
+            inside.wait(timeout=30)
+            seen.append(isinstance(attn, FusedQKVAttention))
+            time.sleep(delay)  # leave one after another
+
+    threads = [threading.Thread(target=hold, args=(0.05 * i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert seen == [True] * 4 and type(attn) is HFNanoChatAttention
+
+    # two engines' generations interleaved, token by token: each makes the tokens it makes alone
+    prompt = [1, 5, 9, 33, 70]
+    alone = Engine(model, None, compile=False).generate_batch([prompt], max_new_tokens=6, temperature=0.0)
+    one, two = (Engine(model, None, compile=False).generate([prompt], max_new_tokens=6, temperature=0.0) for _ in "ab")
+    tokens = {0: [], 1: []}
+    for step_one, step_two in zip(one, two):
+        tokens[0].append(step_one[0][0])
+        tokens[1].append(step_two[0][0])
+    one.close(), two.close()  # the first ended inside zip; the second leaves its context here
+    assert tokens[0] == tokens[1] == alone[0][0].tokens
+    assert type(attn) is HFNanoChatAttention
 
 
 def test_rope_tables_are_the_per_position_cos_sin_and_survive_every_load_path(tmp_path):

@@ -160,9 +160,6 @@ class Engine:
         self._static_cache, self._static_key, self._static_owner = None, None, None
         self._static_lock = threading.Lock()  # two threads (a Space serving two chats) must not both take it
         self._fast_decode = supports_fast_decode(model)  # our models: fused q/k/v, decode kernels
-        # fast_decode swaps the model's classes while held, so generations that overlap in time (a Space's threads)
-        # share one swap: the first to start enters it, the last to finish leaves it
-        self._fast_lock, self._fast_users, self._fast_context = threading.Lock(), 0, None
 
     def clear_cache(self) -> None:
         """Free the StaticCache kept from the last call (see `_static_copy`), e.g. to give its memory to a training
@@ -307,31 +304,13 @@ class Engine:
         # RL) and held for the whole generation: entering the context per step would cost ~40 us of Python a token
         owner = object()
         try:
-            with self._shared_fast_decode():
+            # overlapping generations (a Space's threads, two engines on one model) share one class swap
+            with fast_decode(self.model) if self._fast_decode else contextlib.nullcontext():
                 yield from self._steps(*args, owner)
         finally:  # run to its end, closed, or dropped: the static cache is free for the next call
             with self._static_lock:
                 if self._static_owner is owner:
                     self._static_owner = None
-
-    @contextlib.contextmanager
-    def _shared_fast_decode(self):
-        if not self._fast_decode:
-            yield
-            return
-        with self._fast_lock:
-            if self._fast_users == 0:
-                self._fast_context = fast_decode(self.model)
-                self._fast_context.__enter__()
-            self._fast_users += 1
-        try:
-            yield
-        finally:
-            with self._fast_lock:
-                self._fast_users -= 1
-                if self._fast_users == 0:
-                    context, self._fast_context = self._fast_context, None
-                    context.__exit__(None, None, None)
 
     @torch.no_grad()
     def _steps(self, batch, num_samples, max_new_tokens, temperature, top_k, top_p, seed, owner):

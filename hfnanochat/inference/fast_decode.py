@@ -27,6 +27,7 @@ and a recorded CUDA graph keeps reading the same buffer.
 """
 
 import contextlib
+import threading
 
 import torch
 import torch.nn as nn
@@ -225,15 +226,43 @@ def supports_fast_decode(model: nn.Module) -> bool:
     return isinstance(model, HFNanoChatPreTrainedModel)
 
 
+# Per model (by id) while a fast_decode context is held on it: [contexts holding it, (module, own class) to restore]
+_HELD: dict[int, list] = {}
+_HELD_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def fast_decode(model: HFNanoChatPreTrainedModel):
-    """Inference-only fast path for `model` while the context is held; see the module docstring."""
+    """Inference-only fast path for `model` while the context is held; see the module docstring.
+
+    Contexts on one model may overlap, nested or from several threads (two engines on one model, a Space's engine
+    threads): the first to enter swaps the classes, the last to leave restores them. Each entry restacks q/k/v from
+    the current weights."""
     if not supports_fast_decode(model):
         raise TypeError(f"fast_decode takes an hfnanochat model, not {type(model).__name__}")
-    fused = [m for m in model.modules() if isinstance(m, HFNanoChatAttention) and _plain(m.q_proj, m.k_proj, m.v_proj)]
-    with torch.no_grad():
-        for attn in fused:
-            _restack_qkv(attn)
+    with _HELD_LOCK:
+        attention = (m for m in model.modules() if isinstance(m, HFNanoChatAttention))
+        fused = [m for m in attention if _plain(m.q_proj, m.k_proj, m.v_proj)]
+        with torch.no_grad():
+            for attn in fused:
+                _restack_qkv(attn)
+        held = _HELD.get(id(model))
+        if held is None:
+            held = _HELD[id(model)] = [0, _swap_in(model, fused)]
+        held[0] += 1
+    try:
+        yield model
+    finally:
+        with _HELD_LOCK:
+            held[0] -= 1
+            if held[0] == 0:
+                del _HELD[id(model)]
+                for module, cls in held[1]:
+                    module.__class__ = cls
+
+
+def _swap_in(model, fused: list[HFNanoChatAttention]) -> list[tuple[nn.Module, type]]:
+    """Give the modules of `model` their fast classes; return (module, its own class) for each, to restore them."""
     swaps = []
     if decode_kernels.available(next(model.parameters())):
         for device in {attn.qkv_weight.device for attn in fused}:
@@ -256,10 +285,11 @@ def fast_decode(model: HFNanoChatPreTrainedModel):
     try:
         for module, fast in swaps:
             module.__class__ = _fast_class(module.__class__, fast)
-        yield model
-    finally:
+    except BaseException:  # half swapped is no state to leave a model in
         for module, cls in previous:
             module.__class__ = cls
+        raise
+    return previous
 
 
 __all__ = [
