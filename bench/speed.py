@@ -166,6 +166,7 @@ def main(argv=None) -> int:
         todo = [bench for bench in benches(args, tok, gsm8k) if bench[0] in names]
         rows, failed = [], []
         for name, cmd, limit in todo:
+            limit += 120 if args.profile else 0  # profiled steps, then their tables (the SFT bench: ~250 s in all)
             lines, failure = run_bench(name, cmd, limit, Path(args.jsonl), show=args.profile)
             rows += lines
             if failure:
