@@ -60,7 +60,7 @@ def benches(args, tok: str, gsm8k: str) -> list[tuple[str, list[str], int]]:
                          "--activation-memory-budget", "0.9", "--steps", "3", "--warmup", "2", *profiled], 180),
         # mid-training through SFTTrainer (compiled) and our pretraining step, both d12 on packed 2048-token rows
         ("sft", [py, "bench/sft_throughput.py", "--gsm8k", gsm8k, "--stage", "midtrain", "--max-rows", "7473",
-                 "--tokenizer", tok, "--total-batch-size", "65536", *profiled], 240),
+                 "--tokenizer", tok, "--total-batch-size", "65536", *profiled], 300),
         ("rollouts", [py, "bench/rl_rollouts.py", "--depth", "20", "--tokenizer", tok, "--data",
                       f"{gsm8k}/train.jsonl", "--repeats", "2"], 120),
         ("decode", [py, "bench/decode.py", "--tokenizer", tok, "--repeats", "3", "--configs",
