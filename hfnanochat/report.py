@@ -236,13 +236,10 @@ def write_report(report_dir, *, gpu_hour_usd: float | None = None) -> Path:
         lines.append("- gpus: none (CPU)")
 
     table = {row: dict.fromkeys(SUMMARY_COLUMNS) for row in SUMMARY_ROWS}
-    total_s, gpu_hours = 0.0, 0.0
     for section in sections:
         lines += ["", f"## {section['name']}", "", f"written {section['time']}"]
         if section.get("wall_time_s") is not None:
             lines.append(f"- wall time: {_duration(section['wall_time_s'])}")
-            total_s += section["wall_time_s"]
-            gpu_hours += section["wall_time_s"] / 3600 * section.get("system", {}).get("gpus_used", 0)
         if section.get("tokens") is not None:
             lines.append(f"- tokens: {section['tokens']:,}")
         if section.get("peak_memory_gib") is not None:
@@ -274,6 +271,10 @@ def write_report(report_dir, *, gpu_hour_usd: float | None = None) -> Path:
         gpu_hours = sum(t["seconds"] * t["gpus"] for t in stage_times.values()) / 3600
         lines += ["", "| Stage | Wall time | GPUs |", "|---|---|---|"]
         lines += [f"| {name} | {_duration(t['seconds'])} | {t['gpus']} |" for name, t in stage_times.items()]
+    else:  # the sections' own timers
+        timed = [s for s in sections if s.get("wall_time_s") is not None]
+        total_s = sum(s["wall_time_s"] for s in timed)
+        gpu_hours = sum(s["wall_time_s"] * s.get("system", {}).get("gpus_used", 0) for s in timed) / 3600
     lines += [
         "",
         f"Total wall time: {_duration(total_s)}",
