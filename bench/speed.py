@@ -1,5 +1,5 @@
-"""The speed tables of docs/benchmarks.md in one command on one GPU: pretraining, SFT against our own loop, RL
-rollouts, decode; then each figure against its goal.
+"""The speed tables of docs/benchmarks.md in one command on one GPU: a correctness check, then pretraining, SFT
+against our own loop, RL rollouts, decode; then each figure against its goal.
 
     python bench/speed.py --tokenizer tok --gsm8k gsm8k     # one GPU
     python bench/speed.py                                   # offline: generates its tokenizer and word problems first
@@ -9,8 +9,9 @@ Each bench runs in a process of its own, one after the other, with its own time 
 time is reported and the others still run. Every JSON line of every bench goes to --jsonl (default
 bench-speed.jsonl); the run ends with a table of the figures and their goals, then each measurement's peak GPU
 memory, and exits non-zero if a bench failed. --profile: the pretraining, SFT and decode benches also profile their
-steps and print where the time went. Correctness rides along: the SFT bench reports the loss of the compiled trainer,
-and the decode bench's engine and `generate` run the same prompts (their token counts are in the JSON lines).
+steps and print where the time went. Correctness comes first: bench/gpu_check.py compares the fast paths the other
+benches time (the compiled decode with its kernels, the compiled pretraining and SFT losses and gradients) with the
+plain model on the GPU; the run fails if any comparison does.
 """
 
 import argparse
@@ -24,7 +25,7 @@ from pathlib import Path
 from hfnanochat.training.metrics import append_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHES = ("pretraining", "sft", "rollouts", "decode")
+BENCHES = ("check", "pretraining", "sft", "rollouts", "decode")
 
 # (figure, bench, the fields its JSON line has, the key read, the goal); from the speed issue of the roadmap
 GOALS = [
@@ -40,6 +41,9 @@ def benches(args, tok: str, gsm8k: str) -> list[tuple[str, list[str], int]]:
     py = sys.executable
     if args.smoke:
         return [
+            ("check", [py, "bench/gpu_check.py", "--depth", "2", "--train-depth", "2", "--vocab-size", "512",
+                       "--seq-len", "64", "--prompt-len", "16", "--new-tokens", "8", "--batch", "4", "--device",
+                       args.device], 300),
             ("pretraining", [py, "bench/pretrain_throughput.py", "--depth", "2", "--max-seq-len", "64",
                              "--device-batch-size", "2", "--total-batch-size", "256", "--vocab-size", "512",
                              "--steps", "2", "--warmup", "1", "--no-compile", "--loss-chunk-size", "64"], 300),
@@ -55,6 +59,8 @@ def benches(args, tok: str, gsm8k: str) -> list[tuple[str, list[str], int]]:
         ]  # fmt: skip
     profiled = ["--profile"] if args.profile else []
     return [
+        # decode at d20 (batch 1 and 8), the pretraining and SFT losses and gradients at d4, vocabulary 65,536
+        ("check", [py, "bench/gpu_check.py"], 120),
         # the d20 preset's step: the issue's comparison with nanochat is at these settings
         ("pretraining", [py, "bench/pretrain_throughput.py", "--depth", "20", "--loss-chunk-size", "8192",
                          "--activation-memory-budget", "0.9", "--steps", "3", "--warmup", "2", *profiled], 180),
@@ -116,6 +122,12 @@ def run_bench(name: str, cmd: list[str], limit: int, jsonl: Path, show: bool) ->
 def summary(rows: list[dict]) -> list[str]:
     """Each goal's figure (the first matching line), and SFT's rate as a share of our pretraining loop's."""
     table = ["| figure | measured | goal | met |", "|---|---|---|---|"]
+    checks = [r for r in rows if r["bench"] == "check"]
+    if checks:
+        passed = sum(bool(r.get("ok")) for r in checks)
+        table.append(
+            f"| correctness checks passed | {passed} | {len(checks)} | {'yes' if passed == len(checks) else 'no'} |"
+        )
     for what, bench, fields, key, goal in GOALS:
         matching = (r for r in rows if r["bench"] == bench and fields.items() <= r.items())
         found = next((r[key] for r in matching if r.get(key) is not None), None)
@@ -135,7 +147,7 @@ def memory_table(rows: list[dict]) -> list[str]:
     """Each measurement's peak GPU memory (warm-up included), named by its bench and what sets it apart."""
     table = []
     for r in rows:
-        if r.get("peak_mem_gib") is None:
+        if r.get("peak_mem_gib") is None or r["bench"] == "check":  # the check's models are not a stage's
             continue
         parts = [r["bench"]] + [str(r[k]) for k in ("loop", "impl", "cache") if r.get(k)]
         parts += [f"batch {r['batch']}"] if r.get("batch") else []
@@ -148,7 +160,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", default=None, help="chat tokenizer folder (default: trained here on generated text)")
     p.add_argument("--gsm8k", default=None, help="folder with GSM8K's train.jsonl (default: generated word problems)")
-    p.add_argument("--only", default=None, help="comma-separated subset: pretraining, sft, rollouts, decode")
+    p.add_argument("--only", default=None, help="comma-separated subset: " + ", ".join(BENCHES))
     p.add_argument("--smoke", action="store_true", help="every bench at a tiny size (CPU)")
     p.add_argument("--device", default="cuda", help="--smoke: the device of the decode and rollout benches")
     p.add_argument("--jsonl", default="bench-speed.jsonl")
