@@ -176,13 +176,14 @@ def main(argv=None) -> int:
             made_tok, made_gsm8k = offline_inputs(Path(tmp), args.smoke)
             tok, gsm8k = tok or made_tok, gsm8k or made_gsm8k
         todo = [bench for bench in benches(args, tok, gsm8k) if bench[0] in names]
-        rows, failed = [], []
+        rows, failed, t0 = [], [], time.monotonic()
         for name, cmd, limit in todo:
             limit += 120 if args.profile else 0  # profiled steps, then their tables (the SFT bench: ~250 s in all)
             lines, failure = run_bench(name, cmd, limit, Path(args.jsonl), show=args.profile)
             rows += lines
             if failure:
                 failed.append(f"{name} ({failure})")
+    print(f"{len(todo)} bench(es) in {time.monotonic() - t0:.0f} s")
     print("\n".join(summary(rows)))
     if failed:
         print(f"failed: {', '.join(failed)}")

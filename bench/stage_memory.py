@@ -5,7 +5,7 @@
         --pretrain-args "--max-seq-len 512 --device-batch-size 32 --total-batch-size 65536" \\
         --mid-args "--max-seq-len 512 --device-batch-size 8 --total-batch-size 4096 --no-compile" \\
         --sft-args "--max-seq-len 512 --device-batch-size 4 --examples-per-step 8" \\
-        --rl-args "--max-new-tokens 128"                                                 # the offline `gpu` preset
+        --rl-args "--max-new-tokens 128" --chat-eval-args "--max-new-tokens 256"          # the offline `gpu` preset
 
 What a GPU must hold to run a preset is the largest of its stages' peaks, and a stage's peak does not grow after its
 first steps, so each stage runs as a user runs it (`train/*.py`, `eval/*.py`, the preset's flags given with
