@@ -1,11 +1,12 @@
-"""Batch-1 decode of the engine under compiler and kernel variants: which change cuts a step's GPU time?
+"""Decode of the engine under compiler and kernel variants: which change cuts a step's GPU time?
 
     python bench/decode_variants.py shipped --profile      # the engine as it is, plus a per-kernel profile
     python bench/decode_variants.py onequery               # variants, alone or joined by "+", e.g. gemv+combo
+    python bench/decode_variants.py autotune --batch 32    # 32 rows at once: Triton GEMM templates vs cuBLAS
     python bench/decode_variants.py shipped --tokenizer tok  # stop tokens and the python-tool machine live
 
-Variants, each slower than `shipped` when measured (docs/benchmarks-log.md). `cublas` and `update` switch off a part of
-the library; the others patch in alternatives that are not in it:
+Variants, each slower than `shipped` when measured at batch 1 (docs/benchmarks-log.md). `cublas` and `update` switch
+off a part of the library; the others patch in alternatives that are not in it:
 - cublas: without the Triton decode kernels (`inference/decode_kernels.py`): cuBLAS GEMMs, separate norms and
   adds, SDPA, the engine as it was before them;
 - update: the decode kernels, but each layer writes its cache through transformers' `StaticLayer.update` (Inductor's
@@ -17,8 +18,10 @@ the library; the others patch in alternatives that are not in it:
   cdt: `coordinate_descent_tuning`; noguards: dynamo skips its guard checks on each call after the warm-up
   (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`), to see what the host's share of a step is.
 `HFNANOCHAT_DECODE_PDL=0` in the environment launches the decode kernels without programmatic dependent launch.
-Depth 20, bf16, nanochat init, a random 512-token prompt, 256 greedy tokens; decode tok/s = 255 / (t(256) - t(1)),
-medians of 3 after a warm-up (compilation), as in bench/decode.py. Needs CUDA.
+Depth 20, bf16, nanochat init, a random 512-token prompt per row (--batch rows, 1 by default: at batch 32 the step runs
+cuBLAS GEMMs and Inductor's norms where batch 1 runs the GEMV kernels, so the GEMM variants matter there), 256 greedy
+tokens; decode tok/s = batch * 255 / (t(256) - t(1)), medians of 3 after a warm-up (compilation), as in
+bench/decode.py. Needs CUDA.
 """
 
 import argparse
@@ -69,12 +72,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("variant", help=f"one of {sorted(VARIANTS)}, or several joined by '+'")
     p.add_argument("--tokenizer", default=None, help="chat tokenizer folder: stop tokens and the tool machine live")
+    p.add_argument("--batch", type=int, default=1, help="rows decoded at once")
     p.add_argument("--profile", action="store_true", help="print a decode step's GPU time and its top kernels")
     p.add_argument("--top", type=int, default=28, help="kernels listed by --profile")
     args = p.parse_args()
     parts = set(args.variant.split("+"))
     if parts - VARIANTS:
         p.error(f"unknown variant {sorted(parts - VARIANTS)}; choose among {sorted(VARIANTS)}")
+    if args.batch < 1:
+        p.error(f"--batch {args.batch}: at least 1")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (the compiled static-cache step is the thing measured)")
     if "cublas" in parts:
@@ -97,12 +103,12 @@ def main():
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     engine = Engine(model, tokenizer)
-    prompt = torch.randint(0, 65536, (512,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = torch.randint(0, 65536, (args.batch, 512), generator=torch.Generator().manual_seed(0)).tolist()
 
     def run(n):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in engine.generate(prompt, max_new_tokens=n, temperature=0.0):
+        for _ in engine.generate(prompts, max_new_tokens=n, temperature=0.0):
             pass
         torch.cuda.synchronize()
         return time.perf_counter() - t
@@ -115,7 +121,8 @@ def main():
     t1 = sorted(run(1) for _ in range(3))[1]
     t256 = sorted(run(256) for _ in range(3))[1]
     print(
-        f"{args.variant}: decode {255 / (t256 - t1):.0f} tok/s at batch 1 on {torch.cuda.get_device_name()} "
+        f"{args.variant}: decode {args.batch * 255 / (t256 - t1):.0f} tok/s at batch {args.batch} on "
+        f"{torch.cuda.get_device_name()} "
         f"(warm-up incl. compilation {warmup:.0f} s)",
         flush=True,
     )
