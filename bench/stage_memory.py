@@ -22,39 +22,19 @@ word problems, the evaluation stand-ins) unless --data-dir gives a folder made b
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from sft_throughput import build_base, run
 from transformers import AutoTokenizer
 
-from hfnanochat import HFNanoChatForCausalLM, config_for_depth
 from hfnanochat.tokenizer import render_conversation
-from hfnanochat.training.export import save_final
 from hfnanochat.training.metrics import append_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("pretrain", "mid", "sft", "rl", "chat_eval", "core")
-
-
-def run(cmd: list[str]) -> None:
-    print("$", shlex.join(cmd), flush=True)
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
-        raise SystemExit(f"{cmd[1]} failed with exit code {result.returncode}")
-
-
-def fresh_base(out: Path, tokenizer_dir: str, depth: int, vocab_size: int | None, context: int) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    vocab_size = vocab_size or len(tokenizer)
-    if vocab_size < len(tokenizer):
-        raise SystemExit(f"--vocab-size {vocab_size}: smaller than --tokenizer's {len(tokenizer)} tokens")
-    model = HFNanoChatForCausalLM.from_config_on_device(config_for_depth(depth, vocab_size, context), "cpu")
-    save_final(model, tokenizer, out)
 
 
 def full_context_chats(path: Path, corpus: Path, tokenizer_dir: str, context: int, count: int) -> None:
@@ -147,7 +127,7 @@ def main() -> None:
                                  "--out", str(run_dir)], lambda: metrics_peak(run_dir))  # fmt: skip
             base = run_dir / "final"
         else:
-            fresh_base(base, args.tokenizer, args.depth, args.vocab_size, args.context)
+            build_base([], base, args.depth, args.context, args.vocab_size, args.tokenizer, one_per_row=False)
         context = json.loads((base / "config.json").read_text())["max_position_embeddings"]
         if "mid" in stages:
             run_dir = work / "mid"
