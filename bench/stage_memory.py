@@ -1,8 +1,9 @@
 """Peak GPU memory of each stage of a run, by running each stage's own entry point for a few steps.
 
     python bench/stage_memory.py --tokenizer tok --depth 20 --vocab-size 65536          # the d20 preset's later stages
+    python -m hfnanochat.training.offline_data data/corpus.txt --word-problems 60000 --evals data/evals
     python bench/stage_memory.py --tokenizer tok --depth 8 --stages pretrain,mid,sft,rl,chat_eval,core \\
-        --pretrain-args "--max-seq-len 512 --device-batch-size 32 --total-batch-size 65536" \\
+        --data-dir data/evals --pretrain-args "--max-seq-len 512 --device-batch-size 32 --total-batch-size 65536" \\
         --mid-args "--max-seq-len 512 --device-batch-size 8 --total-batch-size 4096 --no-compile" \\
         --sft-args "--max-seq-len 512 --device-batch-size 4 --examples-per-step 8" \\
         --rl-args "--max-new-tokens 128" --chat-eval-args "--max-new-tokens 256"          # the offline `gpu` preset
@@ -16,7 +17,9 @@ evaluation's answers run to their token limits (a model that has not learned to 
 
 Without `pretrain` in --stages, the later stages start from nanochat's initialisation at --depth, its head
 --vocab-size rows wide (the tokenizer may be smaller). The data is generated here (`offline_data`: the corpus, chats,
-word problems, the evaluation stand-ins) unless --data-dir gives a folder made by it. One JSON line per stage.
+word problems, the evaluation stand-ins) unless --data-dir gives a folder made by it; the generated corpus is small
+(2,000 word problems), too small for pretraining's validation batch at the `gpu` preset's 32 rows of 512, so that
+preset's command brings the preset's own data (60,000 word problems, as speedrun.sh makes). One JSON line per stage.
 """
 
 import argparse
