@@ -61,12 +61,9 @@ def full_context_chats(path: Path, corpus: Path, tokenizer_dir: str, context: in
 
 def flag_value(argv: list[str], flag: str) -> int | None:
     """The integer value of `flag` in `argv` (`--flag N` or `--flag=N`), or None."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith(flag + "="):
-            return int(arg.split("=", 1)[1])
-    return None
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument(flag, type=int, dest="value")
+    return parser.parse_known_args(argv)[0].value
 
 
 def metrics_peak(run_dir: Path) -> float | None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from hfnanochat.tokenizer import render_conversation
 
@@ -120,14 +121,9 @@ def test_stage_memory_runs_every_stage_for_a_few_steps(tmp_path):
     sft_steps = [json.loads(line) for line in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert sft_steps and all(s["loss"] == s["loss"] for s in sft_steps if "loss" in s)
     chats = [json.loads(line) for line in (tmp_path / "run" / "full_context_chats.jsonl").read_text().splitlines()]
-    lengths = [len(render_conversation(tokenizer_of(tokenizer), c["messages"], sys.maxsize)[0]) for c in chats]
+    chat_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    lengths = [len(render_conversation(chat_tokenizer, c["messages"], sys.maxsize)[0]) for c in chats]
     assert len(chats) == 96 and all(100 <= n <= 128 for n in lengths), lengths
-
-
-def tokenizer_of(folder):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
 
 
 def test_stage_memory_reads_a_flag_in_either_form():
